@@ -1,0 +1,189 @@
+"""BERT-family encoder in Flax NNX (MiniLM, BGE, E5, Contriever).
+
+The module tree mirrors the Hugging Face ``BertModel`` so that the weight-name
+mapping in ``bert_params.py`` stays a table. There is no pooler: retrievers
+pool the last hidden states themselves (``pooling.py``).
+
+Shapes: ``input_ids`` and ``attention_mask`` are ``[batch, length]`` int arrays;
+the output is ``[batch, length, hidden]`` in the compute dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from opera_jax.errors import InputError
+
+_ACTIVATIONS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+    """The fields of a Hugging Face BERT ``config.json`` that shape the network."""
+
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    hidden_act: str = "gelu"
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    pad_token_id: int = 0
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any], source: str = "config.json") -> "BertConfig":
+        """Build from a parsed ``config.json``; unknown keys are ignored."""
+        if hf.get("model_type") not in ("bert", None):
+            raise InputError(f"{source}: model_type {hf.get('model_type')!r} is not a BERT model")
+        if hf.get("position_embedding_type", "absolute") != "absolute":
+            raise InputError(
+                f"{source}: position_embedding_type {hf['position_embedding_type']!r} "
+                "is not supported (only 'absolute')"
+            )
+        fields = {f.name for f in dataclasses.fields(cls)}
+        required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING]
+        missing = [k for k in required if k not in hf]
+        if missing:
+            raise InputError(f"{source}: missing field(s) {', '.join(missing)}")
+        config = cls(**{k: v for k, v in hf.items() if k in fields})
+        if config.hidden_act not in _ACTIVATIONS:
+            raise InputError(
+                f"{source}: hidden_act {config.hidden_act!r} is not one of {sorted(_ACTIVATIONS)}"
+            )
+        if config.hidden_size % config.num_attention_heads:
+            raise InputError(
+                f"{source}: hidden_size {config.hidden_size} is not divisible by "
+                f"num_attention_heads {config.num_attention_heads}"
+            )
+        return config
+
+    def to_hf(self) -> dict[str, Any]:
+        """A ``config.json`` that transformers' ``BertModel`` loads."""
+        return {
+            "architectures": ["BertModel"],
+            "model_type": "bert",
+            "position_embedding_type": "absolute",
+            **dataclasses.asdict(self),
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class Precision:
+    """Compute and parameter dtypes (bf16 compute with f32 master weights is one option)."""
+
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+
+def _linear(din: int, dout: int, p: Precision, rngs: nnx.Rngs) -> nnx.Linear:
+    return nnx.Linear(din, dout, dtype=p.dtype, param_dtype=p.param_dtype, rngs=rngs)
+
+
+def _norm(dim: int, eps: float, p: Precision, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    return nnx.LayerNorm(dim, epsilon=eps, dtype=p.dtype, param_dtype=p.param_dtype, rngs=rngs)
+
+
+class BertEmbeddings(nnx.Module):
+    def __init__(self, c: BertConfig, p: Precision, rngs: nnx.Rngs):
+        embed = lambda n: nnx.Embed(n, c.hidden_size, dtype=p.dtype, param_dtype=p.param_dtype, rngs=rngs)
+        self.word = embed(c.vocab_size)
+        self.position = embed(c.max_position_embeddings)
+        self.token_type = embed(c.type_vocab_size)
+        self.norm = _norm(c.hidden_size, c.layer_norm_eps, p, rngs)
+        self.dropout = nnx.Dropout(c.hidden_dropout_prob, rngs=rngs)
+
+    def __call__(self, input_ids: jax.Array) -> jax.Array:
+        length = input_ids.shape[1]
+        # Token type 0 everywhere: retrievers encode single segments.
+        h = self.word(input_ids) + self.position.embedding[None, :length] + self.token_type.embedding[0]
+        return self.dropout(self.norm(h.astype(self.norm.dtype)))
+
+
+class BertAttention(nnx.Module):
+    """Multi-head self-attention with the residual LayerNorm of BERT's output block."""
+
+    def __init__(self, c: BertConfig, p: Precision, rngs: nnx.Rngs):
+        self.num_heads = c.num_attention_heads
+        self.query = _linear(c.hidden_size, c.hidden_size, p, rngs)
+        self.key = _linear(c.hidden_size, c.hidden_size, p, rngs)
+        self.value = _linear(c.hidden_size, c.hidden_size, p, rngs)
+        self.out = _linear(c.hidden_size, c.hidden_size, p, rngs)
+        self.norm = _norm(c.hidden_size, c.layer_norm_eps, p, rngs)
+        self.attn_dropout = nnx.Dropout(c.attention_probs_dropout_prob, rngs=rngs)
+        self.dropout = nnx.Dropout(c.hidden_dropout_prob, rngs=rngs)
+
+    def __call__(self, h: jax.Array, bias: jax.Array) -> jax.Array:
+        b, n, d = h.shape
+        heads = lambda x: x.reshape(b, n, self.num_heads, d // self.num_heads)
+        q, k, v = heads(self.query(h)), heads(self.key(h)), heads(self.value(h))
+        # Plain einsum attention: on CPU it beats jax.nn.dot_product_attention
+        # (../shared/docs/performance.md); softmax in f32 for bf16 compute.
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(d // self.num_heads).astype(q.dtype)
+        probs = jax.nn.softmax(logits.astype(jnp.float32) + bias, axis=-1).astype(v.dtype)
+        ctx = jnp.einsum("bhqk,bkhd->bqhd", self.attn_dropout(probs), v).reshape(b, n, d)
+        return self.norm(h + self.dropout(self.out(ctx)))
+
+
+class BertMLP(nnx.Module):
+    def __init__(self, c: BertConfig, p: Precision, rngs: nnx.Rngs):
+        self.act = _ACTIVATIONS[c.hidden_act]
+        self.intermediate = _linear(c.hidden_size, c.intermediate_size, p, rngs)
+        self.output = _linear(c.intermediate_size, c.hidden_size, p, rngs)
+        self.norm = _norm(c.hidden_size, c.layer_norm_eps, p, rngs)
+        self.dropout = nnx.Dropout(c.hidden_dropout_prob, rngs=rngs)
+
+    def __call__(self, h: jax.Array) -> jax.Array:
+        return self.norm(h + self.dropout(self.output(self.act(self.intermediate(h)))))
+
+
+class BertLayer(nnx.Module):
+    def __init__(self, c: BertConfig, p: Precision, rngs: nnx.Rngs):
+        self.attention = BertAttention(c, p, rngs)
+        self.mlp = BertMLP(c, p, rngs)
+
+    def __call__(self, h: jax.Array, bias: jax.Array) -> jax.Array:
+        return self.mlp(self.attention(h, bias))
+
+
+class BertModel(nnx.Module):
+    """Token ids -> last hidden states. ``remat=True`` recomputes each layer in the backward pass."""
+
+    def __init__(
+        self,
+        config: BertConfig,
+        *,
+        precision: Precision = Precision(),
+        remat: bool = False,
+        rngs: nnx.Rngs,
+    ):
+        self.config = config
+        self.remat = remat
+        self.embeddings = BertEmbeddings(config, precision, rngs)
+        self.layers = nnx.List([BertLayer(config, precision, rngs) for _ in range(config.num_hidden_layers)])
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+        bias = attention_bias(attention_mask)
+        h = self.embeddings(input_ids)
+        for layer in self.layers:
+            h = nnx.remat(type(layer).__call__)(layer, h, bias) if self.remat else layer(h, bias)
+        return h
+
+
+def attention_bias(attention_mask: jax.Array) -> jax.Array:
+    """``[batch, length]`` 0/1 mask -> additive f32 bias ``[batch, 1, 1, length]``."""
+    neg = jnp.finfo(jnp.float32).min
+    return jnp.where(attention_mask[:, None, None, :] > 0, 0.0, neg).astype(jnp.float32)
