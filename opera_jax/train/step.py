@@ -1,0 +1,102 @@
+"""The train step: one jitted function from (state, batch) to (new state, step outputs).
+
+The state is donated, so XLA updates parameters and optimizer moments in
+place. The batch is a dict of global arrays sharded over the mesh's batch axes:
+
+    query_input_ids, query_attention_mask        int32 [B, Lq]
+    passage_input_ids, passage_attention_mask    int32 [B * G, Lp]   (query i: rows i*G.., positive first)
+    pair                                         int32 [B]   global id of each query's positive pair
+    query                                        int32 [B]   global query id
+    weight                                       f32   [B]   per-example loss weight (InfoBatch), else 1
+
+The step returns per-example losses and positive similarities (device arrays,
+never synced here) for the pruning methods, and lets a method update its own
+device state inside the same jitted call (``method_update``), so DP's scores
+never leave the device.
+
+Dropout keys are ``fold_in(state.key, state.step)``: a resumed run draws the
+same dropout masks as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from opera_jax.train.loss import contrastive_loss
+
+MethodUpdate = Callable[[Any, dict, jax.Array, jax.Array], Any]
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar
+    params: nnx.State
+    opt_state: optax.OptState
+    key: jax.Array  # the run's base PRNG key (raw uint32 key data)
+    method: Any = ()  # a pruning method's device state
+
+
+def init_state(params: nnx.State, optimizer: optax.GradientTransformation, seed: int, method: Any = ()) -> TrainState:
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=optimizer.init(params),
+        key=jax.random.key_data(jax.random.key(seed)),
+        method=method,
+    )
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    rest: nnx.State,
+    optimizer: optax.GradientTransformation,
+    temperature: float,
+    method_update: MethodUpdate | None = None,
+):
+    """Build the jitted step. ``graphdef`` and ``rest`` (non-parameter state) come from
+    ``nnx.split(retriever, nnx.Param, ...)``; ``rest`` holds the dropout streams, reseeded per step."""
+
+    def loss_fn(params, rest, batch):
+        model = nnx.merge(graphdef, params, rest, copy=True)
+        q = model(batch["query_input_ids"], batch["query_attention_mask"])
+        p = model(batch["passage_input_ids"], batch["passage_attention_mask"])
+        loss, per_example, pos_sim = contrastive_loss(q, p, temperature, batch["weight"])
+        return loss, (per_example, pos_sim)
+
+    def step(state: TrainState, batch: dict, rest: nnx.State) -> tuple[TrainState, dict]:
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
+        rest = _reseed(graphdef, state.params, rest, key)
+        (loss, (per_example, pos_sim)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params, rest, batch)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        method = state.method
+        if method_update is not None:
+            method = method_update(method, batch, per_example, pos_sim)
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, method=method)
+        outputs = {
+            "loss": loss,
+            "grad_norm": optax.global_norm(grads),
+            "per_example_loss": per_example,
+            "pos_sim": pos_sim,
+            "finite": jnp.isfinite(loss),
+        }
+        return new_state, outputs
+
+    jitted = jax.jit(step, donate_argnums=0)
+    # ``rest`` goes in as an argument, not a closure constant: NNX only lets a
+    # traced function reseed variables that were created inside its trace.
+    return lambda state, batch: jitted(state, batch, rest)
+
+
+def _reseed(graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State, key: jax.Array) -> nnx.State:
+    """``rest`` with every dropout stream reseeded from ``key``."""
+    model = nnx.merge(graphdef, params, rest, copy=True)
+    nnx.reseed(model, dropout=key)
+    return nnx.split(model, nnx.Param, ...)[2]
