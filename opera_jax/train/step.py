@@ -82,7 +82,7 @@ def make_train_step(
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, method=method)
         outputs = {
             "loss": loss,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "per_example_loss": per_example,
             "pos_sim": pos_sim,
             "finite": jnp.isfinite(loss),
