@@ -37,3 +37,47 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
+
+
+# Partition rules: (regular expression searched in a leaf's path "a/b/0/c", PartitionSpec).
+# The first rule that matches wins; a leaf no rule matches is replicated. The same
+# rules place optimizer moments, whose paths end with their parameter's path.
+REPLICATED_RULES: tuple[tuple[str, P], ...] = ()
+FSDP_RULES: tuple[tuple[str, P], ...] = (
+    (r"(kernel|embedding)(/value)?$", P(FSDP, None)),  # [in, out] kernels and [vocab, dim] tables: split rows
+)
+
+
+def _path_str(path) -> str:
+    parts = []
+    for k in path:
+        parts.append(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))))
+    return "/".join(parts)
+
+
+def tree_shardings(tree, mesh: Mesh, rules=REPLICATED_RULES):
+    """A ``NamedSharding`` for every array leaf of ``tree``, by the first matching rule.
+
+    A rule whose sharded dimensions do not divide evenly over the mesh axes falls
+    back to replication for that leaf (small vocabularies, odd widths).
+    """
+    import re
+
+    compiled = [(re.compile(pattern), spec) for pattern, spec in rules]
+
+    def pick(path, leaf):
+        name = _path_str(path)
+        shape = getattr(leaf, "shape", ())
+        for pattern, spec in compiled:
+            if pattern.search(name) and len(spec) <= len(shape) and all(
+                axis is None or shape[i] % _axis_size(mesh, axis) == 0 for i, axis in enumerate(spec)
+            ):
+                return NamedSharding(mesh, spec)
+        return NamedSharding(mesh, P())
+
+    return jax.tree_util.tree_map_with_path(pick, tree)
+
+
+def _axis_size(mesh: Mesh, axis) -> int:
+    names = axis if isinstance(axis, tuple) else (axis,)
+    return int(np.prod([mesh.shape[n] for n in names]))
