@@ -81,10 +81,8 @@ def tiny_bert() -> None:
     out = HERE / "tiny_bert"
     out.mkdir(exist_ok=True)
     vocab = tiny_vocab()
-    (out / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
-    tok = BertTokenizerFast(vocab_file=str(out / "vocab.txt"), do_lower_case=True)
+    tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True)
     tok.save_pretrained(out)
-    (out / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
 
     config = BertConfig(
         vocab_size=len(vocab),
