@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from opera_jax.errors import InputError
+from opera_jax.errors import InputError, TrainingDiverged
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -25,6 +25,21 @@ def _eval(args: argparse.Namespace) -> None:
         max_passage_len=args.max_passage_len,
         empty=args.empty,
     )
+
+
+def _train(args: argparse.Namespace) -> None:
+    from opera_jax.config import load_config
+    from opera_jax.train.trainer import train_and_evaluate
+
+    overrides = list(args.overrides)
+    if args.max_steps is not None:
+        overrides.append(f"optim.max_steps={args.max_steps}")
+    if args.eval_every is not None:
+        overrides.append(f"train.eval_every={args.eval_every}")
+    config = load_config(args.config, overrides)
+    out = args.out or Path("runs") / Path(args.config).stem
+    result = train_and_evaluate(config, out)
+    print(f"final: ndcg@10 {result['ndcg@10']:.4f} recall@20 {result['recall@20']:.4f}; outputs in {out}")
 
 
 def _positive(text: str) -> int:
@@ -49,6 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--empty", choices=("error", "skip"), default="error",
                     help="an empty query or document: stop with an error, or skip it and count")
     ev.set_defaults(func=_eval)
+
+    tr = sub.add_parser("train", help="finetune a retriever (basic, sp, dp or infobatch) from a YAML config")
+    tr.add_argument("config", help="YAML config (ours, or an OPERA release file)")
+    tr.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.learning_rate=1e-5 seed=1")
+    tr.add_argument("--out", type=Path, default=None, help="run directory (default: runs/<config name>)")
+    tr.add_argument("--max-steps", type=_positive, default=None, help="override optim.max_steps")
+    tr.add_argument("--eval-every", type=int, default=None, help="override train.eval_every (0: only at the end)")
+    tr.set_defaults(func=_train)
     return parser
 
 
@@ -59,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

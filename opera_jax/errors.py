@@ -7,3 +7,7 @@ line prints it alone (no traceback) and exits with status 2.
 
 class InputError(ValueError):
     """Bad input from the user: a file, a line of it, a config field, a flag."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or Inf. The message names the steps and the last good checkpoint."""

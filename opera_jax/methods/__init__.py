@@ -1,0 +1,25 @@
+"""Training methods: what to train on next. Each decides the plan; the train step is shared.
+
+A method is an object with
+- ``init_state()``: its device state, carried in the ``TrainState`` and checkpointed (``()`` if none);
+- ``update``: ``None``, or a pure function ``(state, batch, per_example_loss, pos_sim) -> state``
+  run inside the jitted train step (DP's score scatter, InfoBatch's loss record);
+- ``plan(state, segment, step) -> Plan``: the draws of the next stretch of training.
+
+``basic`` is standard finetuning; ``sp``, ``dp`` and ``infobatch`` live beside it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Protocol
+
+from opera_jax.data.pipeline import Plan
+
+
+class Method(Protocol):
+    name: str
+    update: Callable | None
+
+    def init_state(self) -> Any: ...
+
+    def plan(self, state: Any, segment: int, step: int) -> Plan: ...

@@ -1,0 +1,262 @@
+"""``train_and_evaluate(config, workdir)``: one finetuning run, from base model to exported model.
+
+Sections, in the order a run goes through them: set-up (model, data, negatives,
+method, state), resume, the loop (plan -> batches -> jitted step; evaluation,
+logging and checkpoints every N steps), export.
+
+The hot loop never waits on the device except every ``log_every`` steps (to
+show the loss), at evaluations and at checkpoints. Workdir layout:
+
+    config.yaml      the exact config of the run
+    metrics.jsonl    one JSON object per evaluation, step 0 (the base model) included
+    tb/              TensorBoard event files
+    checkpoints/     Orbax checkpoints (the last ``train.keep_checkpoints``)
+    model/           the final model, Hugging Face / sentence-transformers format
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from opera_jax.config import Config, dump_config
+from opera_jax.data.beir import load_split, resolve_data_dir
+from opera_jax.data.mining import load_or_mine
+from opera_jax.data.pipeline import BatchSpec, iterate, make_dataset
+from opera_jax.data.tokens import cache_dir, tokenize
+from opera_jax.data.training import TrainingSet, build_training_set
+from opera_jax.errors import TrainingDiverged
+from opera_jax.eval.evaluate import Evaluator
+from opera_jax.io_utils import atomic_path
+from opera_jax.methods import Method
+from opera_jax.methods.basic import Basic
+from opera_jax.models.bert import Precision
+from opera_jax.models.encoder import Encoder, load_encoder
+from opera_jax.models.export import export_encoder
+from opera_jax.sharding import FSDP_RULES, REPLICATED_RULES, batch_sharding, make_mesh, tree_shardings
+from opera_jax.train.checkpoint import Checkpointer
+from opera_jax.train.optim import make_optimizer
+from opera_jax.train.step import init_state, make_train_step
+
+log = logging.getLogger(__name__)
+
+SPEC_FIELDS = ("pooling", "normalize", "query_prefix", "passage_prefix", "padding_side")
+
+
+# ----------------------------------------------------------------------------- set-up
+
+
+def load_model(config: Config) -> Encoder:
+    m = config.model
+    overrides = {k: getattr(m, k) for k in SPEC_FIELDS if getattr(m, k) is not None}
+    precision = Precision(dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype))
+    return load_encoder(m.name, precision=precision, remat=m.remat, seed=config.seed, overrides=overrides)
+
+
+def make_method(config: Config, ts: TrainingSet) -> Method:
+    name = config.method.name
+    if name == "basic":
+        return Basic(ts, config.seed)
+    raise NotImplementedError(f"method {name!r} is not available yet")
+
+
+def _mining_cache(config: Config) -> Path:
+    """Where a run's negatives are cached: shared by runs that would mine the same ones.
+
+    ``load_or_mine`` still checks the saved metadata (model, range, M, seed, texts)
+    before reusing a file, so a collision can only cost a re-mine.
+    """
+    m, d = config.mining, config.data
+    key = json.dumps([m.model or config.model.name, m.mode, m.rank_start, m.rank_end, m.num_negatives,
+                      config.seed, d.path, d.train_split, d.query_max_len, d.passage_max_len])
+    return cache_dir().parent / "negatives" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.npz"
+
+
+def _segment_seed(seed: int, segment: int) -> int:
+    return (seed * 1_000_003 + segment) % (2**31 - 1)
+
+
+class MetricsLog:
+    """``metrics.jsonl`` (process 0 only), cut back to ``keep_until`` steps on resume."""
+
+    def __init__(self, path: Path, keep_until: int, enabled: bool):
+        self.path, self.enabled = path, enabled
+        if enabled and path.exists():
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            with atomic_path(path) as tmp:
+                tmp.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= keep_until))
+
+    def append(self, row: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = True) -> dict:
+    """Train, evaluate every ``train.eval_every`` steps, checkpoint, export. Returns the last evaluation."""
+    workdir = Path(workdir)
+    main_process = jax.process_index() == 0
+    if main_process:
+        workdir.mkdir(parents=True, exist_ok=True)
+        dump_config(config, workdir / "config.yaml")
+    d, o, t = config.data, config.optim, config.train
+    mesh = make_mesh(fsdp=config.mesh.fsdp)
+
+    encoder = load_model(config)
+    spec = encoder.spec
+    data_dir = resolve_data_dir(d.path)
+    train_split = load_split(data_dir, d.train_split, empty=d.empty)
+    eval_split = load_split(data_dir, d.eval_split, empty=d.empty)
+    ts = build_training_set(train_split, d.pos_threshold)
+    query_tokens = tokenize(encoder.tokenizer, ts.query_texts, d.query_max_len, spec.query_prefix)
+    doc_tokens = tokenize(encoder.tokenizer, train_split.corpus.passages(), d.passage_max_len, spec.passage_prefix)
+    if d.group_size > 1:
+        own = config.mining.model in (None, config.model.name)
+        miner = encoder if own else load_encoder(config.mining.model)
+        mined = load_or_mine(
+            _mining_cache(config), miner, ts, train_split.corpus.passages(),
+            model_name=config.mining.model or config.model.name, mode=config.mining.mode,
+            rank_start=config.mining.rank_start, rank_end=config.mining.rank_end,
+            num_negatives=config.mining.num_negatives, seed=config.seed,
+            query_max_len=d.query_max_len, passage_max_len=d.passage_max_len, batch_size=d.eval_batch_size,
+            mesh=mesh, query_tokens=query_tokens if own else None, doc_tokens=doc_tokens if own else None,
+            progress=progress)
+        ts = ts.with_negatives(mined.negatives, mined.counts)
+    evaluator = Evaluator(eval_split, encoder.tokenizer, spec, max_query_len=d.query_max_len,
+                          max_passage_len=d.passage_max_len, batch_size=d.eval_batch_size, mesh=mesh)
+    batch_spec = BatchSpec(o.batch_size, d.group_size, d.query_max_len, d.passage_max_len, spec.padding_side)
+    method = make_method(config, ts)
+
+    model = encoder.model
+    model.train()
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    optimizer = make_optimizer(o.learning_rate, o.max_steps, warmup_ratio=o.warmup_ratio,
+                               weight_decay=o.weight_decay, max_grad_norm=o.max_grad_norm, schedule=o.schedule)
+    state = init_state(params, optimizer, config.seed, method.init_state())
+    rules = FSDP_RULES if config.mesh.fsdp > 1 else REPLICATED_RULES
+    state = jax.device_put(state, tree_shardings(state, mesh, rules))
+    train_step = make_train_step(graphdef, rest, optimizer, o.temperature, method.update)
+    shard_batch = _batch_putter(mesh)
+
+    def current_model():
+        m = nnx.merge(graphdef, state.params, rest)
+        m.eval()
+        return m
+
+    # --------------------------------------------------------------------------- resume
+    checkpointer = Checkpointer(workdir / "checkpoints", keep=t.keep_checkpoints)
+    segment, iterator_state, plan = 0, None, None
+    latest = checkpointer.latest_step()
+    if latest is not None:
+        state, plan, data = checkpointer.restore(latest, state)
+        segment, iterator_state = data["segment"], data["iterator"]
+        log.info("resumed from step %d", latest)
+    start = int(state.step)
+    metrics_log = MetricsLog(workdir / "metrics.jsonl", keep_until=start, enabled=main_process)
+    writer = _tensorboard(workdir / "tb") if main_process else None
+
+    def new_segment(seg: int, step: int, saved_plan=None, saved_iter=None):
+        p = saved_plan if saved_plan is not None else method.plan(state.method, seg, step)
+        ds = make_dataset(p, ts, query_tokens, doc_tokens, batch_spec, seed=_segment_seed(config.seed, seg),
+                          process_index=jax.process_index(), process_count=jax.process_count())
+        if len(ds) == 0:
+            raise ValueError(f"a plan of {len(p)} draws is shorter than one batch of {o.batch_size}")
+        return p, iterate(ds, saved_iter)
+
+    plan, batches = new_segment(segment, start, plan, iterator_state)
+
+    # --------------------------------------------------------------------------- the loop
+    run_start = time.perf_counter()
+    train_seconds = 0.0
+    last = {}
+
+    def evaluate(step: int) -> dict:
+        nonlocal last
+        result = evaluator(current_model())
+        row = {"step": step, "wall_time_s": round(time.perf_counter() - run_start, 3),
+               "train_seconds": round(train_seconds, 3), "examples_seen": step * o.batch_size,
+               **{k: round(v, 6) for k, v in result.metrics.items()}, "eval_seconds": round(result.seconds, 3)}
+        metrics_log.append(row)
+        if writer is not None:
+            for k in ("ndcg@10", "recall@20", "mrr@10", "recall@100"):
+                writer.add_scalar(f"eval/{k}", row[k], step)
+            writer.flush()
+        last = row
+        return row
+
+    if start == 0:
+        row = evaluate(0)
+        log.info("step 0: ndcg@10 %.4f recall@20 %.4f", row["ndcg@10"], row["recall@20"])
+    bar = tqdm(total=o.max_steps, initial=start, desc="train", unit="step", disable=not (progress and main_process))
+    interval_start, interval_steps = time.perf_counter(), 0
+    loss_sum, finite = jnp.zeros(()), jnp.array(True)
+    last_saved = latest
+    for step in range(start, o.max_steps):
+        try:
+            batch = next(batches)
+        except StopIteration:
+            segment += 1
+            plan, batches = new_segment(segment, step)
+            batch = next(batches)
+        state, out = train_step(state, shard_batch(batch))
+        loss_sum, finite = loss_sum + out["loss"], finite & out["finite"]
+        interval_steps += 1
+        done = step + 1
+        is_eval = (t.eval_every and done % t.eval_every == 0) or done == o.max_steps
+        is_ckpt = (t.checkpoint_every and done % t.checkpoint_every == 0) or done == o.max_steps
+        if done % t.log_every == 0 or is_eval or is_ckpt:
+            mean_loss = float(loss_sum) / interval_steps  # the one host sync of an interval
+            elapsed = time.perf_counter() - interval_start
+            train_seconds += elapsed
+            if not bool(finite):
+                raise TrainingDiverged(
+                    f"loss became NaN or Inf between steps {done - interval_steps} and {done}; "
+                    f"last good checkpoint: {'step ' + str(last_saved) if last_saved is not None else 'none'} "
+                    f"in {workdir / 'checkpoints'}")
+            bar.update(interval_steps)
+            bar.set_postfix(loss=f"{mean_loss:.4f}", ex_s=f"{interval_steps * o.batch_size / elapsed:.1f}")
+            if writer is not None:
+                writer.add_scalar("train/loss", mean_loss, done)
+                writer.add_scalar("train/examples_per_s", interval_steps * o.batch_size / elapsed, done)
+            if is_ckpt:
+                checkpointer.save(done, state, plan, {"segment": segment, "iterator": batches.get_state()})
+                last_saved = done
+            if is_eval:
+                row = evaluate(done)
+                bar.write(f"step {done}: ndcg@10 {row['ndcg@10']:.4f} recall@20 {row['recall@20']:.4f}")
+            loss_sum, finite, interval_steps = jnp.zeros(()), jnp.array(True), 0
+            interval_start = time.perf_counter()
+    bar.close()
+    checkpointer.close()
+    if main_process:
+        export_encoder(encoder, workdir / "model", model=current_model())
+        if writer is not None:
+            writer.close()
+    return last
+
+
+def _batch_putter(mesh):
+    sharding = batch_sharding(mesh)
+
+    def put(local: dict) -> dict:
+        return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+
+    return put
+
+
+def _tensorboard(path: Path):
+    from tensorboardX import SummaryWriter
+
+    return SummaryWriter(str(path))
