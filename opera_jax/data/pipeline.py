@@ -40,12 +40,16 @@ class Plan:
         return len(self.query)
 
 
+def uniform_positives(ts: TrainingSet, query: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """For each query, one of its pairs drawn uniformly."""
+    counts = ts.positives_per_query()[query]
+    return (ts.query_offsets[query] + np.floor(rng.random(len(query)) * counts)).astype(np.int32)
+
+
 def uniform_plan(ts: TrainingSet, rng: np.random.Generator) -> Plan:
     """One epoch of standard finetuning: every query once, shuffled, each with a uniformly drawn positive."""
     query = rng.permutation(ts.num_queries).astype(np.int32)
-    counts = ts.positives_per_query()[query]
-    pair = ts.query_offsets[query] + np.floor(rng.random(len(query)) * counts).astype(np.int32)
-    return Plan(query, pair.astype(np.int32))
+    return Plan(query, uniform_positives(ts, query, rng))
 
 
 def train_buckets(max_len: int, count: int) -> tuple[int, ...]:

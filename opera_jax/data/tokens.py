@@ -56,6 +56,15 @@ class TokenArrays:
     def __len__(self) -> int:
         return len(self.lengths)
 
+    def take(self, rows: np.ndarray) -> "TokenArrays":
+        """The texts at ``rows``, as a new ragged array."""
+        rows = np.asarray(rows)
+        lengths = self.lengths[rows]
+        offsets = np.zeros(len(rows), np.int64)
+        np.cumsum(lengths[:-1], out=offsets[1:])
+        flat = np.concatenate([self.flat[o : o + n] for o, n in zip(self.offsets[rows], lengths)]) if len(rows) else self.flat[:0]
+        return TokenArrays(flat.astype(np.int32), offsets, lengths, self.pad_id)
+
     def batch(self, rows: np.ndarray, length: int, padding_side: str = "right") -> tuple[np.ndarray, np.ndarray]:
         """``(input_ids, attention_mask)``, int32 ``[len(rows), length]``.
 

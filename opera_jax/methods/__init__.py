@@ -1,6 +1,7 @@
 """Training methods: what to train on next. Each decides the plan; the train step is shared.
 
 A method is an object with
+- ``ts``: the ``TrainingSet`` it trains on (static pruning's is a subset);
 - ``init_state()``: its device state, carried in the ``TrainState`` and checkpointed (``()`` if none);
 - ``update``: ``None``, or a pure function ``(state, batch, per_example_loss, pos_sim) -> state``
   run inside the jitted train step (DP's score scatter, InfoBatch's loss record);
@@ -14,10 +15,12 @@ from __future__ import annotations
 from typing import Any, Callable, Protocol
 
 from opera_jax.data.pipeline import Plan
+from opera_jax.data.training import TrainingSet
 
 
 class Method(Protocol):
     name: str
+    ts: TrainingSet
     update: Callable | None
 
     def init_state(self) -> Any: ...

@@ -1,0 +1,76 @@
+"""Static pruning's kept set and InfoBatch's epoch selection, against direct NumPy statements of the rules."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from opera_jax.data.training import TrainingSet
+from opera_jax.methods import infobatch
+from opera_jax.methods.static import Static, kept_pairs
+
+
+def _ts(counts):
+    counts = np.asarray(counts)
+    n = len(counts)
+    pair_query = np.repeat(np.arange(n), counts).astype(np.int32)
+    return TrainingSet(tuple(f"q{i}" for i in range(n)), tuple(f"t{i}" for i in range(n)), pair_query,
+                       np.arange(len(pair_query), dtype=np.int32), np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
+
+
+def test_kept_pairs_modes():
+    s = np.array([0.1, 0.9, 0.5, 0.7, 0.3, 0.9, 0.2, 0.6])
+    assert np.flatnonzero(kept_pairs(s, 0.25, "highest", 0)).tolist() == [1, 5]
+    assert sorted(np.flatnonzero(kept_pairs(s, 0.5, "lowest", 0)).tolist()) == [0, 2, 4, 6]
+    r1, r2 = kept_pairs(s, 0.5, "random", 1), kept_pairs(s, 0.5, "random", 2)
+    assert r1.sum() == r2.sum() == 4 and (r1 != r2).any()
+    assert kept_pairs(s, 0.3, "highest", 0).sum() == 2  # floor(0.3 * 8)
+
+
+def test_static_drops_queries_left_without_pairs():
+    ts = _ts([2, 1, 3])  # pairs 0-1 -> q0, 2 -> q1, 3-5 -> q2
+    scores = np.array([0.9, 0.1, 0.2, 0.8, 0.3, 0.7])
+    sp = Static(ts, scores, 0.5, "highest", seed=0)  # keeps pairs 0, 3, 5
+    assert sp.ts.query_ids == ("q0", "q2")
+    assert sp.ts.pair_doc.tolist() == [0, 3, 5]
+    assert sp.ts.query_offsets.tolist() == [0, 1, 3]
+    plan = sp.plan((), 0, 0)
+    assert sorted(plan.query.tolist()) == [0, 1]
+
+
+def test_infobatch_prunes_a_share_of_well_learned_queries_and_reweights_the_rest():
+    n, ratio, draws = 200, 0.25, 300
+    losses = jnp.asarray(np.linspace(0, 2, n), jnp.float32)
+    well = np.asarray(losses) < float(losses.mean())
+    run = jax.jit(jax.vmap(lambda k: infobatch.select(losses, k, ratio, anneal=False)))
+    orders, counts, weights = run(jax.random.split(jax.random.key(0), draws))
+    orders, counts, weights = np.asarray(orders), np.asarray(counts), np.asarray(weights)
+    kept_freq = np.zeros(n)
+    for order, count in zip(orders, counts):
+        kept_freq[order[:count]] += 1
+        assert len(set(order[:count].tolist())) == count
+    kept_freq /= draws
+    assert (kept_freq[~well] == 1).all()  # high-loss queries always stay
+    p = 1 - ratio
+    assert abs(kept_freq[well].mean() - p) < 4 * np.sqrt(p * (1 - p) / (draws * well.sum()))
+    for order, count, w in zip(orders[:5], counts[:5], weights[:5]):
+        stay = order[:count]
+        np.testing.assert_allclose(w[stay], np.where(well[stay], 1 / (1 - ratio), 1.0), rtol=1e-6)
+
+
+def test_infobatch_anneals_and_records_losses():
+    losses = jnp.asarray(np.linspace(0, 2, 50), jnp.float32)
+    order, count, weights = infobatch.select(losses, jax.random.key(1), 0.25, anneal=True)
+    assert int(count) == 50 and (np.asarray(weights) == 1).all()
+    new = infobatch.update(jnp.full(4, infobatch.UNSEEN_LOSS), {"query": jnp.array([2, 0])},
+                           jnp.array([0.5, 1.5]), jnp.zeros(2))
+    np.testing.assert_allclose(new, [1.5, infobatch.UNSEEN_LOSS, 0.5, infobatch.UNSEEN_LOSS])
+
+
+@pytest.mark.parametrize("step, annealed", [(0, False), (874, False), (875, True)])
+def test_infobatch_annealing_share_is_measured_in_steps(step, annealed):
+    ts = _ts([1] * 40)
+    ib = infobatch.InfoBatch(ts, 0.5, 0.875, seed=0, max_steps=1000)
+    state = jnp.asarray(np.linspace(0, 1, 40), jnp.float32)
+    plan = ib.plan(state, 3, step)
+    assert (len(plan) == 40) == annealed
