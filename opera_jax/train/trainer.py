@@ -34,11 +34,15 @@ from opera_jax.data.mining import load_or_mine
 from opera_jax.data.pipeline import BatchSpec, iterate, make_dataset
 from opera_jax.data.tokens import cache_dir, tokenize
 from opera_jax.data.training import TrainingSet, build_training_set
-from opera_jax.errors import TrainingDiverged
+from opera_jax.errors import InputError, TrainingDiverged
 from opera_jax.eval.evaluate import Evaluator
 from opera_jax.io_utils import atomic_path
 from opera_jax.methods import Method
 from opera_jax.methods.basic import Basic
+from opera_jax.methods.dynamic import Dynamic
+from opera_jax.methods.infobatch import InfoBatch
+from opera_jax.methods.pair_scores import pair_similarities
+from opera_jax.methods.static import Static
 from opera_jax.models.bert import Precision
 from opera_jax.models.encoder import Encoder, load_encoder
 from opera_jax.models.export import export_encoder
@@ -62,11 +66,19 @@ def load_model(config: Config) -> Encoder:
     return load_encoder(m.name, precision=precision, remat=m.remat, seed=config.seed, overrides=overrides)
 
 
-def make_method(config: Config, ts: TrainingSet) -> Method:
-    name = config.method.name
-    if name == "basic":
-        return Basic(ts, config.seed)
-    raise NotImplementedError(f"method {name!r} is not available yet")
+def make_method(config: Config, ts: TrainingSet, encoder: Encoder, query_tokens, doc_tokens, mesh) -> Method:
+    """The configured method; SP and DP start from the base model's pair similarities."""
+    method, seed, o = config.method, config.seed, config.optim
+    if method.name == "basic":
+        return Basic(ts, seed)
+    if method.name == "infobatch":
+        return InfoBatch(ts, method.infobatch.ratio, method.infobatch.delta, seed=seed, max_steps=o.max_steps)
+    s0 = pair_similarities(encoder.model, ts, query_tokens, doc_tokens, query_max_len=config.data.query_max_len,
+                           passage_max_len=config.data.passage_max_len, batch_size=config.data.eval_batch_size,
+                           padding_side=encoder.spec.padding_side, mesh=mesh)
+    if method.name == "sp":
+        return Static(ts, s0, method.sp.kept_pct, method.sp.mode, seed)
+    return Dynamic(ts, s0, method.dp, seed=seed, max_steps=o.max_steps, batch_size=o.batch_size)
 
 
 def _mining_cache(config: Config) -> Path:
@@ -104,8 +116,14 @@ class MetricsLog:
 # ----------------------------------------------------------------------------- the run
 
 
-def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = True) -> dict:
-    """Train, evaluate every ``train.eval_every`` steps, checkpoint, export. Returns the last evaluation."""
+def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = True,
+                       stop_after: int | None = None) -> dict:
+    """Train, evaluate every ``train.eval_every`` steps, checkpoint, export. Returns the last evaluation.
+
+    A workdir with checkpoints resumes from the latest. ``stop_after`` ends the
+    run early after that many steps (checkpointed, not exported), as a
+    preemption would; run again to continue.
+    """
     workdir = Path(workdir)
     main_process = jax.process_index() == 0
     if main_process:
@@ -113,6 +131,8 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
         dump_config(config, workdir / "config.yaml")
     d, o, t = config.data, config.optim, config.train
     mesh = make_mesh(fsdp=config.mesh.fsdp)
+    if o.batch_size % mesh.size:
+        raise InputError(f"optim.batch_size {o.batch_size} must be a multiple of the {mesh.size} devices")
 
     encoder = load_model(config)
     spec = encoder.spec
@@ -137,7 +157,8 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
     evaluator = Evaluator(eval_split, encoder.tokenizer, spec, max_query_len=d.query_max_len,
                           max_passage_len=d.passage_max_len, batch_size=d.eval_batch_size, mesh=mesh)
     batch_spec = BatchSpec(o.batch_size, d.group_size, d.query_max_len, d.passage_max_len, spec.padding_side)
-    method = make_method(config, ts)
+    method = make_method(config, ts, encoder, query_tokens, doc_tokens, mesh)
+    ts = method.ts  # static pruning trains on a subset
 
     model = encoder.model
     model.train()
@@ -215,7 +236,8 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
         interval_steps += 1
         done = step + 1
         is_eval = (t.eval_every and done % t.eval_every == 0) or done == o.max_steps
-        is_ckpt = (t.checkpoint_every and done % t.checkpoint_every == 0) or done == o.max_steps
+        stopping = done == stop_after
+        is_ckpt = (t.checkpoint_every and done % t.checkpoint_every == 0) or done == o.max_steps or stopping
         if done % t.log_every == 0 or is_eval or is_ckpt:
             mean_loss = float(loss_sum) / interval_steps  # the one host sync of an interval
             elapsed = time.perf_counter() - interval_start
@@ -238,8 +260,12 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
                 bar.write(f"step {done}: ndcg@10 {row['ndcg@10']:.4f} recall@20 {row['recall@20']:.4f}")
             loss_sum, finite, interval_steps = jnp.zeros(()), jnp.array(True), 0
             interval_start = time.perf_counter()
+        if stopping:
+            break
     bar.close()
     checkpointer.close()
+    if stop_after is not None and int(state.step) < o.max_steps:
+        return last
     if main_process:
         export_encoder(encoder, workdir / "model", model=current_model())
         if writer is not None:
