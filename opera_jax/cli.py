@@ -42,6 +42,47 @@ def _train(args: argparse.Namespace) -> None:
     print(f"final: ndcg@10 {result['ndcg@10']:.4f} recall@20 {result['recall@20']:.4f}; outputs in {out}")
 
 
+def _config(args: argparse.Namespace):
+    from opera_jax.config import load_config
+
+    return load_config(args.config, list(args.overrides))
+
+
+def _mine(args: argparse.Namespace) -> None:
+    from opera_jax.sharding import make_mesh
+    from opera_jax.train.trainer import mine, prepare
+
+    config, mesh = _config(args), make_mesh()
+    result = mine(config, prepare(config, mesh, progress=True), mesh, progress=True, path=args.out)
+    counts = result.counts
+    print(f"{len(counts)} queries, {int(counts.sum())} negatives (min {counts.min()}, max {counts.max()} per query); "
+          f"wrote {args.out}")
+
+
+def _prune(args: argparse.Namespace) -> None:
+    from opera_jax.methods.pair_scores import pair_similarities
+    from opera_jax.methods.static import kept_pairs, write_kept_pairs
+    from opera_jax.sharding import make_mesh
+    from opera_jax.train.trainer import prepare
+
+    config, mesh = _config(args), make_mesh()
+    setup, d, sp = prepare(config, mesh), config.data, config.method.sp
+    scores = pair_similarities(setup.encoder.model, setup.ts, setup.query_tokens, setup.doc_tokens,
+                               query_max_len=d.query_max_len, passage_max_len=d.passage_max_len,
+                               batch_size=d.eval_batch_size, padding_side=setup.encoder.spec.padding_side, mesh=mesh)
+    keep = kept_pairs(scores, sp.kept_pct, sp.mode, config.seed)
+    write_kept_pairs(args.out, setup.ts, setup.train_split.corpus.ids, scores, keep)
+    kept_queries = len(set(setup.ts.pair_query[keep].tolist()))
+    print(f"kept {int(keep.sum())} of {len(keep)} pairs ({sp.mode}, kept_pct {sp.kept_pct}); "
+          f"{kept_queries} of {setup.ts.num_queries} queries keep a pair; wrote {args.out}")
+
+
+def _export(args: argparse.Namespace) -> None:
+    from opera_jax.train.trainer import export_run
+
+    print(f"wrote {export_run(args.run, args.out, args.step)}")
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value <= 0:
@@ -50,7 +91,8 @@ def _positive(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="opera-jax", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="opera-jax", description="Finetune dense retrievers in JAX, with OPERA data pruning.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     ev = sub.add_parser("eval", help="evaluate a retriever on a BEIR-layout collection")
@@ -72,6 +114,24 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--max-steps", type=_positive, default=None, help="override optim.max_steps")
     tr.add_argument("--eval-every", type=int, default=None, help="override train.eval_every (0: only at the end)")
     tr.set_defaults(func=_train)
+
+    mi = sub.add_parser("mine", help="mine hard negatives for a config's training data")
+    mi.add_argument("config")
+    mi.add_argument("overrides", nargs="*", help="key=value overrides")
+    mi.add_argument("--out", type=Path, required=True, help="the .npz artifact (negatives + metadata)")
+    mi.set_defaults(func=_mine)
+
+    pr = sub.add_parser("prune", help="static pruning: write the pairs SP keeps, with base-model scores")
+    pr.add_argument("config")
+    pr.add_argument("overrides", nargs="*", help="key=value overrides, e.g. method.sp.kept_pct=0.5")
+    pr.add_argument("--out", type=Path, required=True, help="TSV: query-id, corpus-id, score")
+    pr.set_defaults(func=_prune)
+
+    ex = sub.add_parser("export", help="export a run's checkpoint in Hugging Face / sentence-transformers format")
+    ex.add_argument("run", type=Path, help="the run directory (holds config.yaml and checkpoints/)")
+    ex.add_argument("--out", type=Path, required=True)
+    ex.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    ex.set_defaults(func=_export)
     return parser
 
 

@@ -11,7 +11,7 @@ from opera_jax.config import load_config
 from opera_jax.data.tokens import tokenize
 from opera_jax.errors import TrainingDiverged
 from opera_jax.models.encoder import load_encoder
-from opera_jax.train.trainer import train_and_evaluate
+from opera_jax.train.trainer import export_run, train_and_evaluate
 
 
 def _config(tiny_bert_dir, *extra):
@@ -45,15 +45,17 @@ def test_run_logs_evaluates_and_exports(tiny_bert_dir, tmp_path):
     assert np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
 
 
-def test_resume_mid_epoch_equals_uninterrupted_run(tiny_bert_dir, tmp_path):
+@pytest.mark.parametrize("method", ["basic", "dp"])
+def test_resume_mid_epoch_equals_uninterrupted_run(tiny_bert_dir, tmp_path, method):
     # MED has 20 training queries: 2 batches of 8 per epoch, so the stop at step 3
-    # falls mid-epoch and the resumed run crosses several epochs.
+    # falls mid-epoch and the resumed run crosses several epochs (DP: several refreshes).
+    cfg = _config(tiny_bert_dir, f"method.name={method}")
     full = tmp_path / "full"
-    train_and_evaluate(_config(tiny_bert_dir), full, progress=False)
+    train_and_evaluate(cfg, full, progress=False)
     cut = tmp_path / "cut"
-    train_and_evaluate(_config(tiny_bert_dir), cut, progress=False, stop_after=3)
+    train_and_evaluate(cfg, cut, progress=False, stop_after=3)
     assert not (cut / "model").exists()
-    train_and_evaluate(_config(tiny_bert_dir), cut, progress=False)
+    train_and_evaluate(cfg, cut, progress=False)
     a = load_file(str(full / "model" / "model.safetensors"))
     b = load_file(str(cut / "model" / "model.safetensors"))
     assert a.keys() == b.keys()
@@ -70,3 +72,21 @@ def test_divergence_stops_with_the_last_good_checkpoint(tiny_bert_dir, tmp_path)
     with pytest.raises(TrainingDiverged, match="NaN or Inf"):
         train_and_evaluate(cfg, tmp_path, progress=False)
     assert not (tmp_path / "model").exists()
+
+
+@pytest.mark.parametrize("method", ["sp", "dp", "infobatch"])
+def test_pruning_methods_train_end_to_end(tiny_bert_dir, tmp_path, method):
+    cfg = _config(tiny_bert_dir, f"method.name={method}", "method.sp.kept_pct=0.5", "method.dp.refresh_every=1",
+                  "optim.max_steps=4", "train.eval_every=0")
+    last = train_and_evaluate(cfg, tmp_path, progress=False)
+    assert last["step"] == 4 and 0 <= last["ndcg@10"] <= 1
+
+
+def test_export_run_reproduces_the_final_export(tiny_bert_dir, tmp_path):
+    run = tmp_path / "run"
+    train_and_evaluate(_config(tiny_bert_dir, "optim.max_steps=3", "train.eval_every=0"), run, progress=False)
+    export_run(run, tmp_path / "again")
+    a = load_file(str(run / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "again" / "model.safetensors"))
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)

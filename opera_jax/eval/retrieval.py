@@ -57,6 +57,8 @@ def encode(
         padded[: len(rows)] = rows
         ids, mask = tokens.batch(padded, length, padding_side)
         ids, mask = jax.device_put((ids, mask), sharding)
+        if outputs:  # one batch in flight while the next is prepared; the bar shows real progress
+            outputs[-1].block_until_ready()
         outputs.append(_embed(graphdef, state, ids, mask)[: len(rows)])
     emb = jnp.concatenate(outputs)
     return jnp.take(emb, jnp.asarray(np.argsort(order)), axis=0)

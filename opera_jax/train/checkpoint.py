@@ -54,5 +54,18 @@ class Checkpointer:
         plan = Plan(np.asarray(p["query"], np.int32), np.asarray(p["pair"], np.int32), np.asarray(p["weight"], np.float32))
         return out["state"], plan, out["data"]
 
+    def restore_params(self, step: int, params: Any) -> Any:
+        """Only the parameters of ``step``, into the ``nnx.State`` ``params`` (no optimizer or method state)."""
+        from flax import nnx
+
+        raw = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]["params"]
+        flat = nnx.to_flat_state(params)
+        for path, var in flat:
+            node = raw
+            for key in (*map(str, path), "value"):
+                node = node[key]
+            var.set_value(jax.numpy.asarray(node, dtype=var.get_value().dtype))
+        return nnx.from_flat_state(flat)
+
     def close(self) -> None:
         self.manager.close()

@@ -16,6 +16,7 @@ show the loss), at evaluations and at checkpoints. Workdir layout:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -29,10 +30,10 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from opera_jax.config import Config, dump_config
-from opera_jax.data.beir import load_split, resolve_data_dir
+from opera_jax.data.beir import BeirSplit, load_split, resolve_data_dir
 from opera_jax.data.mining import load_or_mine
 from opera_jax.data.pipeline import BatchSpec, iterate, make_dataset
-from opera_jax.data.tokens import cache_dir, tokenize
+from opera_jax.data.tokens import TokenArrays, cache_dir, tokenize
 from opera_jax.data.training import TrainingSet, build_training_set
 from opera_jax.errors import InputError, TrainingDiverged
 from opera_jax.eval.evaluate import Evaluator
@@ -64,6 +65,45 @@ def load_model(config: Config) -> Encoder:
     overrides = {k: getattr(m, k) for k in SPEC_FIELDS if getattr(m, k) is not None}
     precision = Precision(dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype))
     return load_encoder(m.name, precision=precision, remat=m.remat, seed=config.seed, overrides=overrides)
+
+
+@dataclasses.dataclass
+class Setup:
+    """What every command that trains, mines or prunes starts from."""
+
+    encoder: Encoder
+    data_dir: Path
+    train_split: BeirSplit
+    ts: TrainingSet
+    query_tokens: TokenArrays  # the training queries, with the query prefix
+    doc_tokens: TokenArrays  # the whole corpus, with the passage prefix
+
+
+def prepare(config: Config, mesh, *, progress: bool = False) -> Setup:
+    d = config.data
+    encoder = load_model(config)
+    spec = encoder.spec
+    data_dir = resolve_data_dir(d.path)
+    train_split = load_split(data_dir, d.train_split, empty=d.empty)
+    ts = build_training_set(train_split, d.pos_threshold)
+    query_tokens = tokenize(encoder.tokenizer, ts.query_texts, d.query_max_len, spec.query_prefix)
+    doc_tokens = tokenize(encoder.tokenizer, train_split.corpus.passages(), d.passage_max_len, spec.passage_prefix)
+    return Setup(encoder, data_dir, train_split, ts, query_tokens, doc_tokens)
+
+
+def mine(config: Config, setup: Setup, mesh, *, progress: bool = False, path: Path | None = None):
+    """The run's hard negatives: reused from the cache when mined with the same settings."""
+    d = config.data
+    own = config.mining.model in (None, config.model.name)
+    miner = setup.encoder if own else load_encoder(config.mining.model)
+    return load_or_mine(
+        path or _mining_cache(config), miner, setup.ts, setup.train_split.corpus.passages(),
+        model_name=config.mining.model or config.model.name, mode=config.mining.mode,
+        rank_start=config.mining.rank_start, rank_end=config.mining.rank_end,
+        num_negatives=config.mining.num_negatives, seed=config.seed,
+        query_max_len=d.query_max_len, passage_max_len=d.passage_max_len, batch_size=d.eval_batch_size,
+        mesh=mesh, query_tokens=setup.query_tokens if own else None,
+        doc_tokens=setup.doc_tokens if own else None, progress=progress)
 
 
 def make_method(config: Config, ts: TrainingSet, encoder: Encoder, query_tokens, doc_tokens, mesh) -> Method:
@@ -134,26 +174,13 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
     if o.batch_size % mesh.size:
         raise InputError(f"optim.batch_size {o.batch_size} must be a multiple of the {mesh.size} devices")
 
-    encoder = load_model(config)
-    spec = encoder.spec
-    data_dir = resolve_data_dir(d.path)
-    train_split = load_split(data_dir, d.train_split, empty=d.empty)
-    eval_split = load_split(data_dir, d.eval_split, empty=d.empty)
-    ts = build_training_set(train_split, d.pos_threshold)
-    query_tokens = tokenize(encoder.tokenizer, ts.query_texts, d.query_max_len, spec.query_prefix)
-    doc_tokens = tokenize(encoder.tokenizer, train_split.corpus.passages(), d.passage_max_len, spec.passage_prefix)
+    setup = prepare(config, mesh, progress=progress)
+    encoder, spec, ts = setup.encoder, setup.encoder.spec, setup.ts
+    query_tokens, doc_tokens = setup.query_tokens, setup.doc_tokens
     if d.group_size > 1:
-        own = config.mining.model in (None, config.model.name)
-        miner = encoder if own else load_encoder(config.mining.model)
-        mined = load_or_mine(
-            _mining_cache(config), miner, ts, train_split.corpus.passages(),
-            model_name=config.mining.model or config.model.name, mode=config.mining.mode,
-            rank_start=config.mining.rank_start, rank_end=config.mining.rank_end,
-            num_negatives=config.mining.num_negatives, seed=config.seed,
-            query_max_len=d.query_max_len, passage_max_len=d.passage_max_len, batch_size=d.eval_batch_size,
-            mesh=mesh, query_tokens=query_tokens if own else None, doc_tokens=doc_tokens if own else None,
-            progress=progress)
+        mined = mine(config, setup, mesh, progress=progress)
         ts = ts.with_negatives(mined.negatives, mined.counts)
+    eval_split = load_split(setup.data_dir, d.eval_split, empty=d.empty)
     evaluator = Evaluator(eval_split, encoder.tokenizer, spec, max_query_len=d.query_max_len,
                           max_passage_len=d.passage_max_len, batch_size=d.eval_batch_size, mesh=mesh)
     batch_spec = BatchSpec(o.batch_size, d.group_size, d.query_max_len, d.passage_max_len, spec.padding_side)
@@ -271,6 +298,22 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
         if writer is not None:
             writer.close()
     return last
+
+
+def export_run(workdir: str | Path, out: str | Path, step: int | None = None) -> Path:
+    """Export the model of a run's checkpoint (default: the latest) in Hugging Face format."""
+    from opera_jax.config import load_config
+
+    workdir = Path(workdir)
+    config = load_config(workdir / "config.yaml")
+    encoder = load_model(config)
+    checkpointer = Checkpointer(workdir / "checkpoints")
+    step = checkpointer.latest_step() if step is None else step
+    if step is None or step not in checkpointer.manager.all_steps():
+        raise InputError(f"{workdir / 'checkpoints'}: no checkpoint {'at all' if step is None else f'for step {step}'}")
+    nnx.update(encoder.model, checkpointer.restore_params(step, nnx.state(encoder.model, nnx.Param)))
+    checkpointer.close()
+    return export_encoder(encoder, out)
 
 
 def _batch_putter(mesh):
