@@ -81,3 +81,19 @@ def tree_shardings(tree, mesh: Mesh, rules=REPLICATED_RULES):
 def _axis_size(mesh: Mesh, axis) -> int:
     names = axis if isinstance(axis, tuple) else (axis,)
     return int(np.prod([mesh.shape[n] for n in names]))
+
+
+def put_global(tree, shardings):
+    """Place host or single-device values onto (possibly multi-host) global shardings.
+
+    Every process passes the same full values; each keeps the shards its own
+    devices hold. Works in one process as in many (``jax.device_put`` cannot
+    address other hosts' devices).
+    """
+    def put(x, sharding):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return jax.device_put(x, sharding)
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map(put, tree, shardings)

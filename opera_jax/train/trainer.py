@@ -47,7 +47,7 @@ from opera_jax.methods.static import Static
 from opera_jax.models.bert import Precision
 from opera_jax.models.encoder import Encoder, load_encoder
 from opera_jax.models.export import export_encoder
-from opera_jax.sharding import FSDP_RULES, REPLICATED_RULES, batch_sharding, make_mesh, tree_shardings
+from opera_jax.sharding import FSDP_RULES, REPLICATED_RULES, batch_sharding, make_mesh, put_global, tree_shardings
 from opera_jax.train.checkpoint import Checkpointer
 from opera_jax.train.optim import make_optimizer
 from opera_jax.train.step import init_state, make_train_step
@@ -194,7 +194,7 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
                                weight_decay=o.weight_decay, max_grad_norm=o.max_grad_norm, schedule=o.schedule)
     state = init_state(params, optimizer, config.seed, method.init_state())
     rules = FSDP_RULES if config.mesh.fsdp > 1 else REPLICATED_RULES
-    state = jax.device_put(state, tree_shardings(state, mesh, rules))
+    state = put_global(state, tree_shardings(state, mesh, rules))
     train_step = make_train_step(graphdef, rest, optimizer, o.temperature, method.update)
     shard_batch = _batch_putter(mesh)
 
