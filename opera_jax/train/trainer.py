@@ -11,6 +11,7 @@ show the loss), at evaluations and at checkpoints. Workdir layout:
     metrics.jsonl    one JSON object per evaluation, step 0 (the base model) included
     tb/              TensorBoard event files
     checkpoints/     Orbax checkpoints (the last ``train.keep_checkpoints``)
+    run.trec         the final model's top 100 per evaluation query
     model/           the final model, Hugging Face / sentence-transformers format
 """
 
@@ -37,6 +38,7 @@ from opera_jax.data.tokens import TokenArrays, cache_dir, tokenize
 from opera_jax.data.training import TrainingSet, build_training_set
 from opera_jax.errors import InputError, TrainingDiverged
 from opera_jax.eval.evaluate import Evaluator
+from opera_jax.eval.metrics import write_trec_run
 from opera_jax.io_utils import atomic_path
 from opera_jax.methods import Method
 from opera_jax.methods.basic import Basic
@@ -184,7 +186,9 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
     evaluator = Evaluator(eval_split, encoder.tokenizer, spec, max_query_len=d.query_max_len,
                           max_passage_len=d.passage_max_len, batch_size=d.eval_batch_size, mesh=mesh)
     batch_spec = BatchSpec(o.batch_size, d.group_size, d.query_max_len, d.passage_max_len, spec.padding_side)
+    setup_start = time.perf_counter()
     method = make_method(config, ts, encoder, query_tokens, doc_tokens, mesh)
+    method_setup_s = time.perf_counter() - setup_start  # SP/DP: the base model's pair scores
     ts = method.ts  # static pruning trains on a subset
 
     model = encoder.model
@@ -205,11 +209,11 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
 
     # --------------------------------------------------------------------------- resume
     checkpointer = Checkpointer(workdir / "checkpoints", keep=t.keep_checkpoints)
-    segment, iterator_state, plan = 0, None, None
+    segment, iterator_state, plan, train_seconds = 0, None, None, 0.0
     latest = checkpointer.latest_step()
     if latest is not None:
         state, plan, data = checkpointer.restore(latest, state)
-        segment, iterator_state = data["segment"], data["iterator"]
+        segment, iterator_state, train_seconds = data["segment"], data["iterator"], data["train_seconds"]
         log.info("resumed from step %d", latest)
     start = int(state.step)
     metrics_log = MetricsLog(workdir / "metrics.jsonl", keep_until=start, enabled=main_process)
@@ -227,16 +231,18 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
 
     # --------------------------------------------------------------------------- the loop
     run_start = time.perf_counter()
-    train_seconds = 0.0
     last = {}
 
     def evaluate(step: int) -> dict:
         nonlocal last
         result = evaluator(current_model())
         row = {"step": step, "wall_time_s": round(time.perf_counter() - run_start, 3),
-               "train_seconds": round(train_seconds, 3), "examples_seen": step * o.batch_size,
+               "train_seconds": round(train_seconds, 3), "method_setup_s": round(method_setup_s, 3),
+               "examples_seen": step * o.batch_size,
                **{k: round(v, 6) for k, v in result.metrics.items()}, "eval_seconds": round(result.seconds, 3)}
         metrics_log.append(row)
+        if main_process and step == o.max_steps:
+            write_trec_run(workdir / "run.trec", result.run)  # the final model's ranking, for per-query tests
         if writer is not None:
             for k in ("ndcg@10", "recall@20", "mrr@10", "recall@100"):
                 writer.add_scalar(f"eval/{k}", row[k], step)
@@ -280,7 +286,8 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
                 writer.add_scalar("train/loss", mean_loss, done)
                 writer.add_scalar("train/examples_per_s", interval_steps * o.batch_size / elapsed, done)
             if is_ckpt:
-                checkpointer.save(done, state, plan, {"segment": segment, "iterator": batches.get_state()})
+                checkpointer.save(done, state, plan, {"segment": segment, "iterator": batches.get_state(),
+                                                      "train_seconds": train_seconds})
                 last_saved = done
             if is_eval:
                 row = evaluate(done)
