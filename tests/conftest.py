@@ -10,6 +10,9 @@ from pathlib import Path  # noqa: E402
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+# Tests compare against float32 references: no TF32 / bf16 matmul passes on GPUs.
+jax.config.update("jax_default_matmul_precision", "highest")
+
 from opera_jax.sharding import make_mesh  # noqa: E402
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
