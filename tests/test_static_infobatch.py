@@ -74,3 +74,11 @@ def test_infobatch_annealing_share_is_measured_in_steps(step, annealed):
     state = jnp.asarray(np.linspace(0, 1, 40), jnp.float32)
     plan = ib.plan(state, 3, step)
     assert (len(plan) == 40) == annealed
+
+
+def test_pruned_set_maps_back_to_its_parent_queries():
+    ts = _ts([2, 1, 3])
+    sp = Static(ts, np.array([0.9, 0.1, 0.2, 0.8, 0.3, 0.7]), 0.5, "highest", seed=0)
+    rows = sp.ts.rows_in(ts)
+    assert rows.tolist() == [0, 2]
+    assert [ts.query_texts[r] for r in rows] == list(sp.ts.query_texts)

@@ -90,3 +90,25 @@ def test_export_run_reproduces_the_final_export(tiny_bert_dir, tmp_path):
     b = load_file(str(tmp_path / "again" / "model.safetensors"))
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_static_pruning_batches_pair_each_query_with_its_own_tokens(tiny_bert_dir, tmp_path, monkeypatch):
+    """SP renumbers queries; the batches must still hold each query's own text (a real bug once)."""
+    from opera_jax.train import trainer
+
+    tokenizer = load_encoder(str(tiny_bert_dir)).tokenizer
+    seen = []
+    real = trainer.make_dataset
+
+    def spy(plan, ts, query_tokens, *args, **kwargs):
+        for q in np.unique(plan.query):
+            want = tokenize(tokenizer, [ts.query_texts[q]], 16, use_cache=False)
+            got = query_tokens.flat[query_tokens.offsets[q]: query_tokens.offsets[q] + query_tokens.lengths[q]]
+            seen.append(np.array_equal(got, want.flat))
+        return real(plan, ts, query_tokens, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "make_dataset", spy)
+    cfg = _config(tiny_bert_dir, "method.name=sp", "method.sp.kept_pct=0.5", "optim.max_steps=2",
+                  "train.eval_every=0")
+    train_and_evaluate(cfg, tmp_path, progress=False)
+    assert seen and all(seen)

@@ -51,6 +51,11 @@ class TrainingSet:
             raise ValueError("negatives must have one row per query")
         return dataclasses.replace(self, negatives=negatives.astype(np.int32), negative_counts=counts.astype(np.int32))
 
+    def rows_in(self, parent: "TrainingSet") -> np.ndarray:
+        """Where each of this set's queries sits in ``parent`` (e.g. the full set a pruned one came from)."""
+        index = {q: i for i, q in enumerate(parent.query_ids)}
+        return np.asarray([index[q] for q in self.query_ids], np.int64)
+
     def subset_pairs(self, keep: np.ndarray) -> "TrainingSet":
         """Keep only the pairs where ``keep`` is true; queries left with none drop out (static pruning)."""
         keep = np.asarray(keep, dtype=bool)

@@ -189,7 +189,9 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
     setup_start = time.perf_counter()
     method = make_method(config, ts, encoder, query_tokens, doc_tokens, mesh)
     method_setup_s = time.perf_counter() - setup_start  # SP/DP: the base model's pair scores
-    ts = method.ts  # static pruning trains on a subset
+    if method.ts is not ts:  # static pruning trains on a subset: renumbered queries, so their tokens too
+        query_tokens = query_tokens.take(method.ts.rows_in(ts))
+        ts = method.ts
 
     model = encoder.model
     model.train()
