@@ -58,8 +58,28 @@ _JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a num
                bool: "a boolean", type(None): "null"}
 
 
+class _Rows:
+    """What documents and queries share: rows in file order, looked up by id."""
+
+    ids: tuple[str, ...]
+    skipped_ids: tuple[str, ...]
+    _index: Mapping[str, int]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def skipped_empty(self) -> int:
+        """How many entries were skipped for empty text."""
+        return len(self.skipped_ids)
+
+    def index(self) -> Mapping[str, int]:
+        """Id -> row (read-only)."""
+        return self._index
+
+
 @dataclass(frozen=True)
-class Corpus:
+class Corpus(_Rows):
     """Documents in file order. ``skipped_ids``: the ids dropped for empty text (``empty="skip"``)."""
 
     ids: tuple[str, ...]
@@ -73,18 +93,6 @@ class Corpus:
             raise ValueError("Corpus: ids, titles and texts differ in length")
         object.__setattr__(self, "_index", _build_index(self.ids, "Corpus"))
 
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    @property
-    def skipped_empty(self) -> int:
-        """How many documents were skipped for empty text."""
-        return len(self.skipped_ids)
-
-    def index(self) -> Mapping[str, int]:
-        """Document id -> row (read-only)."""
-        return self._index
-
     def passage(self, i: int) -> str:
         """The text to encode for row ``i``: title and text joined by a space (BEIR / MTEB)."""
         return f"{self.titles[i]} {self.texts[i]}".strip()
@@ -95,7 +103,7 @@ class Corpus:
 
 
 @dataclass(frozen=True)
-class Queries:
+class Queries(_Rows):
     """Queries in file order. ``skipped_ids``: the ids dropped for empty text (``empty="skip"``)."""
 
     ids: tuple[str, ...]
@@ -107,18 +115,6 @@ class Queries:
         if len(self.ids) != len(self.texts):
             raise ValueError("Queries: ids and texts differ in length")
         object.__setattr__(self, "_index", _build_index(self.ids, "Queries"))
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    @property
-    def skipped_empty(self) -> int:
-        """How many queries were skipped for empty text."""
-        return len(self.skipped_ids)
-
-    def index(self) -> Mapping[str, int]:
-        """Query id -> row (read-only)."""
-        return self._index
 
 
 @dataclass(frozen=True)
