@@ -7,7 +7,8 @@
 Each (method, seed) is one ``train_and_evaluate`` run under ``OUT/runs/``
 (re-running the command resumes or reuses finished runs). ``pretrain`` is the
 zero-shot model: step 0 of the runs. Wall-clock is training time (evaluation
-excluded) plus the method's own set-up (SP/DP: the base model's pair scores).
+excluded, XLA compilation excluded and reported apart) plus the method's own set-up
+(SP/DP: the base model's pair scores).
 
 Writes
 - ``OUT/results.json``: per method, the curve (mean and per seed: step, seconds, examples,

@@ -89,10 +89,25 @@ def make_train_step(
         }
         return new_state, outputs
 
-    jitted = jax.jit(step, donate_argnums=0)
-    # ``rest`` goes in as an argument, not a closure constant: NNX only lets a
-    # traced function reseed variables that were created inside its trace.
-    return lambda state, batch: jitted(state, batch, rest)
+    return TrainStep(jax.jit(step, donate_argnums=0), rest)
+
+
+class TrainStep:
+    """``step(state, batch) -> (state, outputs)``; ``compile(state, batch)`` compiles ahead of time.
+
+    ``rest`` goes in as an argument, not a closure constant: NNX only lets a
+    traced function reseed variables that were created inside its trace.
+    """
+
+    def __init__(self, jitted, rest: nnx.State):
+        self._jitted, self._rest = jitted, rest
+
+    def __call__(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        return self._jitted(state, batch, self._rest)
+
+    def compile(self, state: TrainState, batch: dict) -> None:
+        """Compile for these shapes without running (nothing is donated); later calls reuse it."""
+        self._jitted.lower(state, batch, self._rest).compile()
 
 
 def _reseed(graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State, key: jax.Array) -> nnx.State:

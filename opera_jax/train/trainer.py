@@ -8,7 +8,10 @@ The hot loop never waits on the device except every ``log_every`` steps (to
 show the loss), at evaluations and at checkpoints. Workdir layout:
 
     config.yaml      the exact config of the run
-    metrics.jsonl    one JSON object per evaluation, step 0 (the base model) included
+    metrics.jsonl    one JSON object per evaluation, step 0 (the base model) included;
+                     train_seconds is training time without evaluations and without
+                     XLA compilation (each new batch shape is compiled ahead, timed
+                     apart as compile_seconds)
     tb/              TensorBoard event files
     checkpoints/     Orbax checkpoints (the last ``train.keep_checkpoints``)
     run.trec         the final model's top 100 per evaluation query
@@ -211,11 +214,12 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
 
     # --------------------------------------------------------------------------- resume
     checkpointer = Checkpointer(workdir / "checkpoints", keep=t.keep_checkpoints)
-    segment, iterator_state, plan, train_seconds = 0, None, None, 0.0
+    segment, iterator_state, plan, train_seconds, compile_seconds = 0, None, None, 0.0, 0.0
     latest = checkpointer.latest_step()
     if latest is not None:
         state, plan, data = checkpointer.restore(latest, state)
         segment, iterator_state, train_seconds = data["segment"], data["iterator"], data["train_seconds"]
+        compile_seconds = data.get("compile_seconds", 0.0)
         log.info("resumed from step %d", latest)
     start = int(state.step)
     metrics_log = MetricsLog(workdir / "metrics.jsonl", keep_until=start, enabled=main_process)
@@ -239,7 +243,8 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
         nonlocal last
         result = evaluator(current_model())
         row = {"step": step, "wall_time_s": round(time.perf_counter() - run_start, 3),
-               "train_seconds": round(train_seconds, 3), "method_setup_s": round(method_setup_s, 3),
+               "train_seconds": round(train_seconds, 3), "compile_seconds": round(compile_seconds, 3),
+               "method_setup_s": round(method_setup_s, 3),
                "examples_seen": step * o.batch_size,
                **{k: round(v, 6) for k, v in result.metrics.items()}, "eval_seconds": round(result.seconds, 3)}
         metrics_log.append(row)
@@ -259,6 +264,7 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
     interval_start, interval_steps = time.perf_counter(), 0
     loss_sum, finite = jnp.zeros(()), jnp.array(True)
     last_saved = latest
+    compiled_shapes = set()
     for step in range(start, o.max_steps):
         try:
             batch = next(batches)
@@ -266,7 +272,15 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
             segment += 1
             plan, batches = new_segment(segment, step)
             batch = next(batches)
-        state, out = train_step(state, shard_batch(batch))
+        batch = shard_batch(batch)
+        shapes = tuple((k, v.shape) for k, v in sorted(batch.items()))
+        if shapes not in compiled_shapes:  # compile a new bucket shape outside the timed training
+            compile_start = time.perf_counter()
+            train_step.compile(state, batch)
+            compiled_shapes.add(shapes)
+            compile_seconds += time.perf_counter() - compile_start
+            interval_start += time.perf_counter() - compile_start
+        state, out = train_step(state, batch)
         loss_sum, finite = loss_sum + out["loss"], finite & out["finite"]
         interval_steps += 1
         done = step + 1
@@ -289,7 +303,8 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
                 writer.add_scalar("train/examples_per_s", interval_steps * o.batch_size / elapsed, done)
             if is_ckpt:
                 checkpointer.save(done, state, plan, {"segment": segment, "iterator": batches.get_state(),
-                                                      "train_seconds": train_seconds})
+                                                      "train_seconds": train_seconds,
+                                                      "compile_seconds": compile_seconds})
                 last_saved = done
             if is_eval:
                 row = evaluate(done)
