@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from opera_jax.errors import InputError
-from opera_jax.models import bert, bert_params
+from opera_jax.models import bert, bert_params, qwen3, qwen3_params
 from opera_jax.models.hub import resolve_model_dir
 from opera_jax.models.weights import NameMap, load_into
 
@@ -133,6 +133,7 @@ class Architecture:
 
 ARCHITECTURES: dict[str, Architecture] = {
     "bert": Architecture(bert.BertConfig, bert.BertModel, bert_params.NAME_MAP),
+    "qwen3": Architecture(qwen3.Qwen3Config, qwen3.Qwen3Model, qwen3_params.NAME_MAP),
 }
 
 
