@@ -35,6 +35,9 @@ from opera_jax.models.weights import SINGLE_FILE, NameMap, checkpoint_files, hf_
 # Tensors the transformers model class has but a retriever never uses (BERT's
 # pooler), by architecture. They are copied unchanged from the source checkpoint
 # when it has them, so that ``AutoModel`` loads the export with no missing keys.
+# Qwen3 has none: the export is a ``Qwen3Model`` (no ``lm_head``, which the
+# source's ``Qwen3ForCausalLM`` checkpoint may carry and the embedder ignores),
+# with ``padding_side: left`` and last-token pooling taken from the spec.
 PASSTHROUGH: dict[str, re.Pattern[str]] = {"bert": re.compile(r"^pooler\.")}
 
 POOLING_FLAGS = {
