@@ -18,9 +18,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from opera_jax.errors import InputError
+from opera_jax.models import ops
 
 _ACTIVATIONS = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu": ops.gelu,
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "relu": jax.nn.relu,
@@ -97,6 +98,13 @@ def _norm(dim: int, eps: float, p: Precision, rngs: nnx.Rngs) -> nnx.LayerNorm:
     return nnx.LayerNorm(dim, epsilon=eps, dtype=p.dtype, param_dtype=p.param_dtype, rngs=rngs)
 
 
+def _apply_norm(norm: nnx.LayerNorm, x: jax.Array) -> jax.Array:
+    """``norm(x)`` through :func:`ops.layer_norm` (its hand-written backward pass)."""
+    if ops.PLAIN:
+        return norm(x)
+    return ops.layer_norm(x.astype(norm.dtype), norm.scale[...], norm.bias[...], norm.epsilon)
+
+
 class BertEmbeddings(nnx.Module):
     def __init__(self, c: BertConfig, p: Precision, rngs: nnx.Rngs):
         embed = lambda n: nnx.Embed(n, c.hidden_size, dtype=p.dtype, param_dtype=p.param_dtype, rngs=rngs)
@@ -110,7 +118,7 @@ class BertEmbeddings(nnx.Module):
         length = input_ids.shape[1]
         # Token type 0 everywhere: retrievers encode single segments.
         h = self.word(input_ids) + self.position.embedding[None, :length] + self.token_type.embedding[0]
-        return self.dropout(self.norm(h.astype(self.norm.dtype)))
+        return self.dropout(_apply_norm(self.norm, h.astype(self.norm.dtype)))
 
 
 class BertAttention(nnx.Module):
@@ -132,11 +140,19 @@ class BertAttention(nnx.Module):
         # matmuls: on XLA:CPU this runs 2.6x faster than the equivalent einsums
         # ("bqhd,bkhd->bhqk"), whose layout changes are not fused with the dots.
         heads = lambda x: x.reshape(b, n, self.num_heads, d // self.num_heads).transpose(0, 2, 1, 3)
-        q, k, v = heads(self.query(h)), heads(self.key(h)), heads(self.value(h))
-        logits = (q @ k.transpose(0, 1, 3, 2)) / jnp.sqrt(d // self.num_heads).astype(q.dtype)
+        # The 1/sqrt(head_dim) scale goes on q ([b, h, n, dh]), not on the logits
+        # ([b, h, n, n]): XLA:CPU fuses a logits-side scale into the attention
+        # matmul as a materialised full-size broadcast operand.
+        scale = jnp.asarray(1.0 / (d // self.num_heads) ** 0.5, h.dtype)
+        if ops.PLAIN:
+            q, k, v = heads(self.query(h)), heads(self.key(h)), heads(self.value(h))
+            logits = (q @ k.transpose(0, 1, 3, 2)) * scale
+        else:
+            q, k, v = heads(self.query(h) * scale), heads(self.key(h)), heads(self.value(h))
+            logits = q @ k.transpose(0, 1, 3, 2)
         probs = jax.nn.softmax(logits.astype(jnp.float32) + bias, axis=-1).astype(v.dtype)  # f32 softmax
         ctx = (self.attn_dropout(probs) @ v).transpose(0, 2, 1, 3).reshape(b, n, d)
-        return self.norm(h + self.dropout(self.out(ctx)))
+        return _apply_norm(self.norm, h + self.dropout(self.out(ctx)))
 
 
 class BertMLP(nnx.Module):
@@ -148,7 +164,7 @@ class BertMLP(nnx.Module):
         self.dropout = nnx.Dropout(c.hidden_dropout_prob, rngs=rngs)
 
     def __call__(self, h: jax.Array) -> jax.Array:
-        return self.norm(h + self.dropout(self.output(self.act(self.intermediate(h)))))
+        return _apply_norm(self.norm, h + self.dropout(self.output(self.act(self.intermediate(h)))))
 
 
 class BertLayer(nnx.Module):
