@@ -4,4 +4,4 @@ __version__ = "0.1.0"
 
 from opera_jax.host_memory import keep_scratch_mapped as _keep_scratch_mapped
 
-_keep_scratch_mapped()  # before XLA's threads allocate; see opera_jax/host_memory.py
+_keep_scratch_mapped()  # only with OPERA_JAX_KEEP_SCRATCH=1; before XLA's threads allocate (host_memory.py)
