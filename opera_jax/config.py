@@ -86,6 +86,7 @@ class OptimConfig:
     batch_size: int = 32  # GLOBAL number of queries per step
     max_steps: int = 300
     schedule: str = "linear"  # linear (warmup then linear decay to 0) | constant (after warmup)
+    grad_cache_chunk: int | None = None  # queries per encoder call with cached gradients (GradCache); null = off
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,6 +183,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "optim.temperature": (lambda v: v > 0, "> 0"),
     "optim.batch_size": (lambda v: v >= 1, ">= 1"),
     "optim.max_steps": (lambda v: v >= 1, ">= 1"),
+    "optim.grad_cache_chunk": (lambda v: v >= 1, ">= 1 (or null)"),
     "train.eval_every": (lambda v: v >= 0, ">= 0"),
     "train.checkpoint_every": (lambda v: v >= 0, ">= 0"),
     "train.keep_checkpoints": (lambda v: v >= 1, ">= 1"),
@@ -314,6 +316,10 @@ def _validate(config: Config, label_of: Callable[[str], str]) -> None:
     if m.rank_start >= m.rank_end:
         raise InputError(f"{label_of('mining.rank_end')}: mining.rank_start ({m.rank_start}) must be below "
                          f"mining.rank_end ({m.rank_end})")
+    o = config.optim
+    if o.grad_cache_chunk is not None and o.batch_size % o.grad_cache_chunk:
+        raise InputError(f"{label_of('optim.grad_cache_chunk')}: optim.grad_cache_chunk ({o.grad_cache_chunk}) "
+                         f"must divide optim.batch_size ({o.batch_size})")
 
 
 # ----------------------------------------------------------------------------- YAML

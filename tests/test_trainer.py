@@ -112,3 +112,19 @@ def test_static_pruning_batches_pair_each_query_with_its_own_tokens(tiny_bert_di
                   "train.eval_every=0")
     train_and_evaluate(cfg, tmp_path, progress=False)
     assert seen and all(seen)
+
+
+def test_tiny_qwen3_runs_dp_with_cached_gradients_end_to_end(tmp_path):
+    """The LLM-embedder path: last-token pooling, left padding, query prompt, DP refreshes, GradCache, export."""
+    from conftest import GOLDEN
+
+    cfg = load_config(None, [
+        f"model.name={GOLDEN / 'tiny_qwen3'}", "data.path=med", "data.query_max_len=16", "data.passage_max_len=32",
+        "data.eval_batch_size=64", "optim.batch_size=16", "optim.grad_cache_chunk=8", "optim.max_steps=4",
+        "optim.learning_rate=1e-3", "train.eval_every=0", "method.name=dp", "method.dp.refresh_every=1",
+        "mining.rank_start=0", "mining.rank_end=20", "mining.num_negatives=8",
+    ])
+    last = train_and_evaluate(cfg, tmp_path, progress=False)
+    assert last["step"] == 4 and 0 <= last["ndcg@10"] <= 1
+    enc = load_encoder(str(tmp_path / "model"))
+    assert enc.architecture == "qwen3" and enc.spec.pooling == "last" and enc.spec.padding_side == "left"

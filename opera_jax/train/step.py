@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from opera_jax.train.gradcache import cached_loss_and_grad
 from opera_jax.train.loss import contrastive_loss
 
 MethodUpdate = Callable[[Any, dict, jax.Array, jax.Array], Any]
@@ -58,9 +59,14 @@ def make_train_step(
     optimizer: optax.GradientTransformation,
     temperature: float,
     method_update: MethodUpdate | None = None,
+    grad_cache_chunk: int | None = None,
 ):
     """Build the jitted step. ``graphdef`` and ``rest`` (non-parameter state) come from
-    ``nnx.split(retriever, nnx.Param, ...)``; ``rest`` holds the dropout streams, reseeded per step."""
+    ``nnx.split(retriever, nnx.Param, ...)``; ``rest`` holds the dropout streams, reseeded per step.
+
+    ``grad_cache_chunk``: encode the batch ``grad_cache_chunk`` queries at a time with
+    cached gradients (``gradcache.py``), so the global contrastive batch can exceed
+    activation memory; same loss and gradients, a second forward pass per step."""
 
     def loss_fn(params, rest, batch):
         model = nnx.merge(graphdef, params, rest, copy=True)
@@ -71,9 +77,13 @@ def make_train_step(
 
     def step(state: TrainState, batch: dict, rest: nnx.State) -> tuple[TrainState, dict]:
         key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
-        rest = _reseed(graphdef, state.params, rest, key)
-        (loss, (per_example, pos_sim)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, rest, batch)
+        if grad_cache_chunk:
+            (loss, (per_example, pos_sim)), grads = cached_loss_and_grad(
+                graphdef, state.params, rest, key, batch, temperature, grad_cache_chunk)
+        else:
+            rest = _reseed(graphdef, state.params, rest, key)
+            (loss, (per_example, pos_sim)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+                state.params, rest, batch)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         method = state.method

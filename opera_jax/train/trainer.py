@@ -178,6 +178,8 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
     mesh = make_mesh(fsdp=config.mesh.fsdp)
     if o.batch_size % mesh.size:
         raise InputError(f"optim.batch_size {o.batch_size} must be a multiple of the {mesh.size} devices")
+    if o.grad_cache_chunk and o.grad_cache_chunk % mesh.size:
+        raise InputError(f"optim.grad_cache_chunk {o.grad_cache_chunk} must be a multiple of the {mesh.size} devices")
 
     setup = prepare(config, mesh, progress=progress)
     encoder, spec, ts = setup.encoder, setup.encoder.spec, setup.ts
@@ -204,7 +206,8 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
     state = init_state(params, optimizer, config.seed, method.init_state())
     rules = FSDP_RULES if config.mesh.fsdp > 1 else REPLICATED_RULES
     state = put_global(state, tree_shardings(state, mesh, rules))
-    train_step = make_train_step(graphdef, rest, optimizer, o.temperature, method.update)
+    train_step = make_train_step(graphdef, rest, optimizer, o.temperature, method.update,
+                                 grad_cache_chunk=o.grad_cache_chunk)
     shard_batch = _batch_putter(mesh)
 
     def current_model():
