@@ -65,3 +65,18 @@ def test_plain_switch_gives_the_same_model_gradients(tiny_bert_dir):
         ops.PLAIN = False
     for a, b in zip(jax.tree.leaves(fast), jax.tree.leaves(plain)):
         np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4)
+
+
+def test_masked_softmax_value_and_gradients_match_plain():
+    rng = np.random.default_rng(3)
+    logits = jnp.asarray(rng.normal(scale=4.0, size=(3, 2, 5, 7)).astype(np.float32))
+    mask = rng.integers(0, 2, (3, 1, 1, 7)).astype(bool)
+    mask[..., 0] = True
+    bias = jnp.where(jnp.asarray(mask), 0.0, jnp.finfo(jnp.float32).min)
+    g = jnp.asarray(rng.normal(size=logits.shape).astype(np.float32))
+    plain = lambda l, b: jax.nn.softmax(l + b, axis=-1)
+    np.testing.assert_allclose(ops.masked_softmax(logits, bias), plain(logits, bias), atol=1e-6)
+    want = jax.vjp(plain, logits, bias)[1](g)
+    got = jax.vjp(ops.masked_softmax, logits, bias)[1](g)
+    np.testing.assert_allclose(got[0], want[0], atol=1e-6, rtol=1e-5)
+    np.testing.assert_allclose(got[1], want[1], atol=1e-5, rtol=1e-5)

@@ -19,6 +19,7 @@ from flax import nnx
 
 from opera_jax.errors import InputError
 from opera_jax.models import ops
+from opera_jax.models.remat import checkpointed, policy_name
 
 _ACTIVATIONS = {
     "gelu": ops.gelu,
@@ -150,7 +151,7 @@ class BertAttention(nnx.Module):
         else:
             q, k, v = heads(self.query(h) * scale), heads(self.key(h)), heads(self.value(h))
             logits = q @ k.transpose(0, 1, 3, 2)
-        probs = jax.nn.softmax(logits.astype(jnp.float32) + bias, axis=-1).astype(v.dtype)  # f32 softmax
+        probs = ops.masked_softmax(logits, bias).astype(v.dtype)  # f32 softmax
         ctx = (self.attn_dropout(probs) @ v).transpose(0, 2, 1, 3).reshape(b, n, d)
         return _apply_norm(self.norm, h + self.dropout(self.out(ctx)))
 
@@ -177,18 +178,18 @@ class BertLayer(nnx.Module):
 
 
 class BertModel(nnx.Module):
-    """Token ids -> last hidden states. ``remat=True`` recomputes each layer in the backward pass."""
+    """Token ids -> last hidden states. ``remat``: a policy of ``remat.py`` (``True`` = ``"full"``), per layer."""
 
     def __init__(
         self,
         config: BertConfig,
         *,
         precision: Precision = Precision(),
-        remat: bool = False,
+        remat: bool | str = False,
         rngs: nnx.Rngs,
     ):
         self.config = config
-        self.remat = remat
+        self.remat = policy_name(remat)
         self.embeddings = BertEmbeddings(config, precision, rngs)
         self.layers = nnx.List([BertLayer(config, precision, rngs) for _ in range(config.num_hidden_layers)])
 
@@ -196,7 +197,7 @@ class BertModel(nnx.Module):
         bias = attention_bias(attention_mask)
         h = self.embeddings(input_ids)
         for layer in self.layers:
-            h = nnx.remat(type(layer).__call__)(layer, h, bias) if self.remat else layer(h, bias)
+            h = checkpointed(layer, self.remat)(h, bias)
         return h
 
 
