@@ -39,7 +39,10 @@ def _train(args: argparse.Namespace) -> None:
     config = load_config(args.config, overrides)
     out = args.out or Path("runs") / Path(args.config).stem
     result = train_and_evaluate(config, out)
-    print(f"final: ndcg@10 {result['ndcg@10']:.4f} recall@20 {result['recall@20']:.4f}; outputs in {out}")
+    import jax
+
+    if jax.process_index() == 0:  # one line per job, not per process
+        print(f"final: ndcg@10 {result['ndcg@10']:.4f} recall@20 {result['recall@20']:.4f}; outputs in {out}")
 
 
 def _config(args: argparse.Namespace):
@@ -138,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        from opera_jax.distributed import initialize
+
+        initialize()  # a multi-process job when the environment says so (see opera_jax/distributed.py)
         args.func(args)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -7,6 +7,10 @@
 3. a cluster JAX detects by itself (SLURM, Cloud TPU), when ``OPERA_DISTRIBUTED=auto``;
 4. otherwise one process, nothing to initialise.
 Call it before anything touches a device.
+
+``OPERA_HEARTBEAT_S`` (default 100, JAX's own) is how long the job waits on a
+process that stopped answering before every process fails with an error,
+instead of hanging in a collective.
 """
 
 from __future__ import annotations
@@ -23,9 +27,14 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     if coordinator is not None:
         num_processes = num_processes if num_processes is not None else int(os.environ["OPERA_NUM_PROCESSES"])
         process_id = process_id if process_id is not None else int(os.environ["OPERA_PROCESS_ID"])
-        jax.distributed.initialize(coordinator, num_processes, process_id)
+        jax.distributed.initialize(coordinator, num_processes, process_id, **_timeouts())
         return True
     if os.environ.get("OPERA_DISTRIBUTED") == "auto":
-        jax.distributed.initialize()
+        jax.distributed.initialize(**_timeouts())
         return True
     return False
+
+
+def _timeouts() -> dict:
+    heartbeat = os.environ.get("OPERA_HEARTBEAT_S")
+    return {"heartbeat_timeout_seconds": int(heartbeat)} if heartbeat else {}

@@ -8,6 +8,7 @@ The hot loop never waits on the device except every ``log_every`` steps (to
 show the loss), at evaluations and at checkpoints. Workdir layout:
 
     config.yaml      the exact config of the run
+    train_log.jsonl  the mean training loss and examples/s every ``train.log_every`` steps
     metrics.jsonl    one JSON object per evaluation, step 0 (the base model) included;
                      train_seconds is training time without evaluations and without
                      XLA compilation (each new batch shape is compiled ahead, timed
@@ -226,6 +227,7 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
         log.info("resumed from step %d", latest)
     start = int(state.step)
     metrics_log = MetricsLog(workdir / "metrics.jsonl", keep_until=start, enabled=main_process)
+    train_log = MetricsLog(workdir / "train_log.jsonl", keep_until=start, enabled=main_process)
     writer = _tensorboard(workdir / "tb") if main_process else None
 
     def new_segment(seg: int, step: int, saved_plan=None, saved_iter=None):
@@ -301,6 +303,8 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
                     f"in {workdir / 'checkpoints'}")
             bar.update(interval_steps)
             bar.set_postfix(loss=f"{mean_loss:.4f}", ex_s=f"{interval_steps * o.batch_size / elapsed:.1f}")
+            train_log.append({"step": done, "loss": mean_loss, "steps": interval_steps,
+                              "examples_per_s": round(interval_steps * o.batch_size / elapsed, 3)})
             if writer is not None:
                 writer.add_scalar("train/loss", mean_loss, done)
                 writer.add_scalar("train/examples_per_s", interval_steps * o.batch_size / elapsed, done)
@@ -311,7 +315,8 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
                 last_saved = done
             if is_eval:
                 row = evaluate(done)
-                bar.write(f"step {done}: ndcg@10 {row['ndcg@10']:.4f} recall@20 {row['recall@20']:.4f}")
+                if main_process:
+                    bar.write(f"step {done}: ndcg@10 {row['ndcg@10']:.4f} recall@20 {row['recall@20']:.4f}")
             loss_sum, finite, interval_steps = jnp.zeros(()), jnp.array(True), 0
             interval_start = time.perf_counter()
         if stopping:
