@@ -51,7 +51,9 @@ class ModelConfig:
     padding_side: str | None = None  # left | right; None = from the tokenizer
     dtype: str = "float32"  # compute dtype: float32 | bfloat16
     param_dtype: str = "float32"  # float32 | bfloat16
-    remat: bool = False  # rematerialise layer activations (gradient checkpointing)
+    # per-layer rematerialisation (gradient checkpointing): false | true (= full) | a policy name,
+    # none | full | dots_saveable | dots_with_no_batch_dims_saveable (opera_jax/models/remat.py)
+    remat: bool | str = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,6 +168,9 @@ CHOICES = {
     "method.dp.schedule": ("cosine", "linear"),
 }
 
+# model.remat: a boolean or one of these (the policies of opera_jax/models/remat.py)
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+
 # field -> (predicate, what the value must be); None passes for optional fields
 RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.name": (lambda v: v != "", "non-empty"),
@@ -247,11 +252,11 @@ def _coerce(value: Any, hint: Any, path: str, label: str) -> Any:
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         if value is None and type(None) in typing.get_args(hint):
             return None
-        (inner,) = [a for a in typing.get_args(hint) if a is not type(None)]
-        try:
-            return _coerce(value, inner, path, label)
-        except InputError:
-            pass
+        for inner in [a for a in typing.get_args(hint) if a is not type(None)]:
+            try:
+                return _coerce(value, inner, path, label)
+            except InputError:
+                pass
     elif hint is bool:
         if isinstance(value, bool):
             return value
@@ -316,6 +321,9 @@ def _validate(config: Config, label_of: Callable[[str], str]) -> None:
     if m.rank_start >= m.rank_end:
         raise InputError(f"{label_of('mining.rank_end')}: mining.rank_start ({m.rank_start}) must be below "
                          f"mining.rank_end ({m.rank_end})")
+    if isinstance(config.model.remat, str) and config.model.remat not in REMAT_POLICIES:
+        raise InputError(f"{label_of('model.remat')}: model.remat is {config.model.remat!r}, not one of "
+                         f"{', '.join(REMAT_POLICIES)} (or true / false)")
     o = config.optim
     if o.grad_cache_chunk is not None and o.batch_size % o.grad_cache_chunk:
         raise InputError(f"{label_of('optim.grad_cache_chunk')}: optim.grad_cache_chunk ({o.grad_cache_chunk}) "
@@ -363,7 +371,7 @@ def _parse_override(item: str) -> tuple[str, Any]:
     if hint is None:
         raise _unknown_key(key, label)
     text_field = hint is str or (typing.get_origin(hint) in (typing.Union, types.UnionType)
-                                 and str in typing.get_args(hint))
+                                 and str in typing.get_args(hint) and bool not in typing.get_args(hint))
     if text_field and raw.strip() not in ("null", "Null", "NULL", "~") and raw.strip()[:1] not in ("'", '"'):
         # a string field takes the text as written: ``data.path=2024`` is "2024", and
         # ``model.query_prefix=query: `` keeps its colon and trailing space

@@ -45,6 +45,7 @@ def round_up(n: int, multiple: int) -> int:
 REPLICATED_RULES: tuple[tuple[str, P], ...] = ()
 FSDP_RULES: tuple[tuple[str, P], ...] = (
     (r"(kernel|embedding)(/value)?$", P(FSDP, None)),  # [in, out] kernels and [vocab, dim] tables: split rows
+    (r"(kernel|embedding)(/value)?$", P(None, FSDP)),  # ... else columns (Qwen3's odd vocabularies: 151669 rows)
 )
 
 

@@ -153,7 +153,7 @@ def load_encoder(
     ref: str,
     *,
     precision: bert.Precision = bert.Precision(),
-    remat: bool = False,
+    remat: bool | str = False,
     seed: int = 0,
     overrides: dict[str, Any] | None = None,
 ) -> Encoder:

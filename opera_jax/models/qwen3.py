@@ -28,6 +28,7 @@ from flax import nnx
 
 from opera_jax.errors import InputError
 from opera_jax.models.bert import Precision
+from opera_jax.models.remat import checkpointed, policy_name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,18 +199,18 @@ class Qwen3Layer(nnx.Module):
 
 
 class Qwen3Model(nnx.Module):
-    """Token ids -> last hidden states. ``remat=True`` recomputes each layer in the backward pass."""
+    """Token ids -> last hidden states. ``remat``: a policy of ``remat.py`` (``True`` = ``"full"``), per layer."""
 
     def __init__(
         self,
         config: Qwen3Config,
         *,
         precision: Precision = Precision(),
-        remat: bool = False,
+        remat: bool | str = False,
         rngs: nnx.Rngs,
     ):
         self.config = config
-        self.remat = remat
+        self.remat = policy_name(remat)
         self.embed = nnx.Embed(
             config.vocab_size, config.hidden_size, dtype=precision.dtype, param_dtype=precision.param_dtype, rngs=rngs
         )
@@ -222,7 +223,7 @@ class Qwen3Model(nnx.Module):
         bias = causal_bias(attention_mask)
         h = self.embed(input_ids)
         for layer in self.layers:
-            h = nnx.remat(type(layer).__call__)(layer, h, rope, bias) if self.remat else layer(h, rope, bias)
+            h = checkpointed(layer, self.remat)(h, rope, bias)
         return self.norm(h)
 
 

@@ -1,8 +1,16 @@
-"""AdamW with linear warmup and decay, global-norm clipping, no decay on LayerNorm or biases."""
+"""AdamW with linear warmup and decay, global-norm clipping, no decay on LayerNorm or biases.
+
+The optimizer works in f32 whatever the parameter dtype: with bf16 parameters
+(``model.param_dtype: bfloat16``) gradients are clipped and both Adam moments
+are kept in f32, and the f32 update is rounded once, when it is added to the
+parameter. (The other bf16 option, ``model.dtype: bfloat16`` with f32
+parameters, keeps f32 master weights and computes in bf16.)
+"""
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 
 
@@ -37,7 +45,25 @@ def make_optimizer(
     schedule: str = "linear",
 ) -> optax.GradientTransformation:
     lr = learning_rate_schedule(learning_rate, max_steps, warmup_ratio, schedule)
-    return optax.chain(
+    return in_float32(optax.chain(
         optax.clip_by_global_norm(max_grad_norm),
         optax.adamw(lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay, mask=decay_mask),
-    )
+    ))
+
+
+def _f32(tree):
+    return jax.tree.map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def in_float32(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """``inner`` run on f32 copies of the gradients and parameters: its state (Adam's
+    moments) is f32 and so are the updates; ``optax.apply_updates`` adds them to the
+    parameters in f32 and rounds to the parameter dtype. A no-op for f32 parameters."""
+
+    def init(params):
+        return inner.init(_f32(params))
+
+    def update(grads, state, params=None):
+        return inner.update(_f32(grads), state, None if params is None else _f32(params))
+
+    return optax.GradientTransformation(init, update)

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding
 
 from opera_jax.train.gradcache import cached_loss_and_grad
 from opera_jax.train.loss import contrastive_loss
@@ -99,7 +100,7 @@ def make_train_step(
         }
         return new_state, outputs
 
-    return TrainStep(jax.jit(step, donate_argnums=0), rest)
+    return TrainStep(step, rest)
 
 
 class TrainStep:
@@ -107,17 +108,42 @@ class TrainStep:
 
     ``rest`` goes in as an argument, not a closure constant: NNX only lets a
     traced function reseed variables that were created inside its trace.
+
+    The new state keeps the layout of the state passed in (FSDP-sharded
+    parameters and moments stay sharded as their rules say): without the
+    constraint XLA may hand back a small replicated leaf split over devices.
+    One jitted function per state layout.
     """
 
-    def __init__(self, jitted, rest: nnx.State):
-        self._jitted, self._rest = jitted, rest
+    def __init__(self, step, rest: nnx.State):
+        self._step, self._rest, self._jitted = step, rest, {}
+
+    def _for(self, state: TrainState):
+        shardings = [getattr(x, "sharding", None) for x in jax.tree.leaves(state)]
+        pinned = all(isinstance(s, NamedSharding) for s in shardings)
+        key = (jax.tree.structure(state), tuple(shardings) if pinned else None)
+        if key not in self._jitted:
+            layout = jax.tree.unflatten(key[0], shardings) if pinned else None
+
+            def step(state, batch, rest):
+                new_state, outputs = self._step(state, batch, rest)
+                if layout is not None:
+                    new_state = jax.lax.with_sharding_constraint(new_state, layout)
+                return new_state, outputs
+
+            self._jitted[key] = jax.jit(step, donate_argnums=0)
+        return self._jitted[key]
 
     def __call__(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        return self._jitted(state, batch, self._rest)
+        return self._for(state)(state, batch, self._rest)
+
+    def lower(self, state: TrainState, batch: dict):
+        """``jax.jit(...).lower`` for these arguments (arrays or ``jax.ShapeDtypeStruct`` with shardings)."""
+        return self._for(state).lower(state, batch, self._rest)
 
     def compile(self, state: TrainState, batch: dict) -> None:
         """Compile for these shapes without running (nothing is donated); later calls reuse it."""
-        self._jitted.lower(state, batch, self._rest).compile()
+        self.lower(state, batch).compile()
 
 
 def _reseed(graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State, key: jax.Array) -> nnx.State:
