@@ -10,19 +10,16 @@ from opera_jax.models.encoder import load_encoder
 from opera_jax.sharding import batch_sharding, replicated
 from opera_jax.train.gradcache import cached_loss_and_grad, from_chunks, to_chunks
 from opera_jax.train.loss import contrastive_loss
+from test_train_step import _batch as train_step_batch
 
 TAU = 0.05
 
 
 def _batch(b=8, g=2, seed=0):
-    rng = np.random.default_rng(seed)
-    return {
-        "query_input_ids": rng.integers(5, 60, (b, 8)).astype(np.int32),
-        "query_attention_mask": (np.arange(8)[None] < rng.integers(2, 9, (b, 1))).astype(np.int32),
-        "passage_input_ids": rng.integers(5, 60, (b * g, 16)).astype(np.int32),
-        "passage_attention_mask": (np.arange(16)[None] < rng.integers(4, 17, (b * g, 1))).astype(np.int32),
-        "weight": rng.uniform(0.5, 2.0, b).astype(np.float32),
-    }
+    """The train-step tests' batch, with uneven example weights."""
+    batch = train_step_batch(b, g, seed)
+    batch["weight"] = np.random.default_rng(seed).uniform(0.5, 2.0, b).astype(np.float32)
+    return {k: v for k, v in batch.items() if k not in ("pair", "query")}
 
 
 def _model(tiny_bert_dir, dropout: bool):

@@ -1,0 +1,80 @@
+"""Time per train step of P processes x D CPU devices against 1 process x P*D devices, same config.
+
+    python benchmarks/multiprocess_overhead.py [--processes 2] [--devices 2] [--steps 40] [--out OUT]
+
+Both runs train the tiny test BERT (``tests/golden/tiny_bert``) with DP on MED, global batch 8,
+through ``opera-jax train``; the multi-process one through ``launch/local_multiprocess.sh``
+(jax.distributed on 127.0.0.1, Gloo collectives between processes). Seconds per step are read
+from each run's ``train_log.jsonl`` (``log_every=1``; compilation excluded); the first steps
+(warm-up) are dropped and the median is reported. The ratio multi/single is the price of
+crossing process boundaries for the step's collectives on one machine; on a real cluster it is
+the interconnect's instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _train_args(out: Path, steps: int) -> list[str]:
+    return [
+        sys.executable, "-m", "opera_jax.cli", "train", str(ROOT / "configs" / "quickstart.yaml"),
+        f"model.name={ROOT / 'tests' / 'golden' / 'tiny_bert'}", "model.pooling=mean", "model.normalize=true",
+        "data.path=med", "data.query_max_len=16", "data.passage_max_len=32", "data.eval_batch_size=64",
+        "optim.batch_size=8", f"optim.max_steps={steps}", "train.eval_every=0", f"train.checkpoint_every={steps}",
+        "train.log_every=1", "mining.rank_start=0", "mining.rank_end=20", "mining.num_negatives=8",
+        "method.name=dp", "--out", str(out),
+    ]
+
+
+def _seconds_per_step(run: Path, skip: int) -> list[float]:
+    rows = [json.loads(x) for x in (run / "train_log.jsonl").read_text().splitlines()]
+    return [r["steps"] * 8 / r["examples_per_s"] for r in rows[skip:]]
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--processes", type=int, default=2)
+    p.add_argument("--devices", type=int, default=2, help="CPU devices per process")
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--skip", type=int, default=5, help="warm-up steps left out")
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    total = args.processes * args.devices
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        env = {**os.environ, "JAX_PLATFORMS": "cpu", "OPERA_CACHE_DIR": str(tmp / "cache")}
+        single = {**env, "XLA_FLAGS": f"--xla_force_host_platform_device_count={total}"}
+        subprocess.run(_train_args(tmp / "single", args.steps), env=single, check=True, cwd=ROOT,
+                       stdout=subprocess.DEVNULL)
+        subprocess.run(["bash", str(ROOT / "launch" / "local_multiprocess.sh"), "-n", str(args.processes),
+                        "-d", str(args.devices), "--", *_train_args(tmp / "multi", args.steps)],
+                       env=env, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+        one = _seconds_per_step(tmp / "single", args.skip)
+        many = _seconds_per_step(tmp / "multi", args.skip)
+    result = {
+        "setup": {"processes": args.processes, "devices_per_process": args.devices, "steps": args.steps,
+                  "skipped": args.skip, "cpus": os.cpu_count()},
+        "single_process_s_per_step": round(statistics.median(one), 4),
+        "multi_process_s_per_step": round(statistics.median(many), 4),
+    }
+    result["ratio_multi_over_single"] = round(result["multi_process_s_per_step"] / result["single_process_s_per_step"], 3)
+    print(json.dumps(result, indent=2))
+    if args.out:
+        from opera_jax.io_utils import write_json
+
+        write_json(args.out, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
