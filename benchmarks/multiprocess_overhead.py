@@ -8,7 +8,10 @@ through ``opera-jax train``; the multi-process one through ``launch/local_multip
 from each run's ``train_log.jsonl`` (``log_every=1``; compilation excluded); the first steps
 (warm-up) are dropped and the median is reported. The ratio multi/single is the price of
 crossing process boundaries for the step's collectives on one machine; on a real cluster it is
-the interconnect's instead.
+the interconnect's instead. To say whether that price is what it should be, the script also counts
+the collectives in the compiled step and times one bare cross-process all-reduce
+(``--probe``, run under the same launcher): the step's overhead should be about
+(collectives per step) x (one collective's latency).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,6 +45,54 @@ def _seconds_per_step(run: Path, skip: int) -> list[float]:
     return [r["steps"] * 8 / r["examples_per_s"] for r in rows[skip:]]
 
 
+def probe(calls: int = 50) -> None:
+    """Under the launcher: median seconds of one jitted all-reduce of a small array over every process."""
+    import jax
+    import numpy as np
+
+    from opera_jax.distributed import initialize
+    from opera_jax.sharding import batch_sharding, make_mesh, put_global
+
+    initialize()
+    mesh = make_mesh()
+    x = put_global(np.ones((jax.device_count(), 256), np.float32), batch_sharding(mesh))
+    total = jax.jit(lambda a: a.sum(0))  # a cross-device (and cross-process) reduction
+    total(x).block_until_ready()
+    times = []
+    for _ in range(calls):
+        t = time.perf_counter()
+        total(x).block_until_ready()
+        times.append(time.perf_counter() - t)
+    if jax.process_index() == 0:
+        print(json.dumps({"collective_s": statistics.median(times)}))
+
+
+def collectives_per_step(devices: int) -> dict:
+    """Collective ops in the compiled train step of the same tiny model, in a child with ``devices`` devices."""
+    code = f"""
+import re, json, sys, jax, numpy as np
+from flax import nnx
+sys.path.insert(0, {str(ROOT / 'tests')!r})
+from test_train_step import _batch
+from opera_jax.models.encoder import load_encoder
+from opera_jax.sharding import batch_sharding, replicated, make_mesh
+from opera_jax.train.optim import make_optimizer
+from opera_jax.train.step import init_state, make_train_step
+mesh = make_mesh()
+model = load_encoder({str(ROOT / 'tests' / 'golden' / 'tiny_bert')!r}, overrides={{"normalize": True}}).model
+model.train()
+g, params, rest = nnx.split(model, nnx.Param, ...)
+opt = make_optimizer(1e-3, 10, warmup_ratio=0.0)
+state = jax.device_put(init_state(params, opt, seed=0), replicated(mesh))
+hlo = make_train_step(g, rest, opt, 0.05).lower(state, jax.device_put(_batch(), batch_sharding(mesh))).compile().as_text()
+ops = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
+print(json.dumps({{op: len(re.findall(r"= [^=]* " + op + r"(-start)?\\(", hlo)) for op in ops}}))
+"""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True, cwd=ROOT)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--processes", type=int, default=2)
@@ -48,7 +100,11 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--skip", type=int, default=5, help="warm-up steps left out")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)  # the child mode, see probe()
     args = p.parse_args(argv)
+    if args.probe:
+        probe()
+        return {}
     total = args.processes * args.devices
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -61,6 +117,11 @@ def main(argv=None) -> dict:
                        env=env, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
         one = _seconds_per_step(tmp / "single", args.skip)
         many = _seconds_per_step(tmp / "multi", args.skip)
+        probed = subprocess.run(["bash", str(ROOT / "launch" / "local_multiprocess.sh"), "-n", str(args.processes),
+                                 "-d", str(args.devices), "--", sys.executable, __file__, "--probe"],
+                                env=env, check=True, cwd=ROOT, capture_output=True, text=True)
+        collective_s = json.loads(probed.stdout.strip().splitlines()[-1].split("] ", 1)[1])["collective_s"]
+    ops = collectives_per_step(total)
     result = {
         "setup": {"processes": args.processes, "devices_per_process": args.devices, "steps": args.steps,
                   "skipped": args.skip, "cpus": os.cpu_count()},
@@ -68,6 +129,10 @@ def main(argv=None) -> dict:
         "multi_process_s_per_step": round(statistics.median(many), 4),
     }
     result["ratio_multi_over_single"] = round(result["multi_process_s_per_step"] / result["single_process_s_per_step"], 3)
+    result["collectives_per_step"] = ops
+    result["one_cross_process_collective_s"] = round(collective_s, 5)
+    result["expected_overhead_s"] = round(sum(ops.values()) * collective_s, 4)
+    result["measured_overhead_s"] = round(result["multi_process_s_per_step"] - result["single_process_s_per_step"], 4)
     print(json.dumps(result, indent=2))
     if args.out:
         from opera_jax.io_utils import write_json
