@@ -86,6 +86,24 @@ def _export(args: argparse.Namespace) -> None:
     print(f"wrote {export_run(args.run, args.out, args.step)}")
 
 
+def _plan(args: argparse.Namespace) -> None:
+    import os
+
+    # Simulated CPU devices, asked for before jax starts its backends (the planner only compiles).
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={args.devices}".strip()
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    from opera_jax.plan import plan, write_json
+
+    config = _config(args)
+    result = plan(config, args.devices, args.fsdp if args.fsdp is not None else config.mesh.fsdp)
+    print(result.summary())
+    if args.json is not None:
+        write_json(result, args.json)
+        print(f"wrote {args.json}")
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value <= 0:
@@ -135,6 +153,15 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", type=Path, required=True)
     ex.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     ex.set_defaults(func=_export)
+
+    pl = sub.add_parser("plan", help="per-device memory and FLOPs of a config's train step (compiled, no weights)")
+    pl.add_argument("config", help="YAML config")
+    pl.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model.remat=full optim.batch_size=256")
+    pl.add_argument("--devices", type=_positive, default=8, help="devices in the mesh, simulated on the CPU (default: 8)")
+    pl.add_argument("--fsdp", type=_positive, default=None,
+                    help="devices that split parameters and optimizer state (default: the config's mesh.fsdp)")
+    pl.add_argument("--json", type=Path, default=None, help="also write the figures as JSON here")
+    pl.set_defaults(func=_plan)
     return parser
 
 

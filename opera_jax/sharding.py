@@ -35,6 +35,21 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def constrain_batch(x: jax.Array) -> jax.Array:
+    """``x`` with its leading (batch) axis split over the mesh's batch axes, when traced under
+    ``jax.set_mesh`` of a ``(data, fsdp)`` mesh (the train step is); unchanged otherwise.
+
+    With FSDP, a layer's activations would otherwise follow its row-split weights:
+    XLA's sharding propagation then gathers the batch instead of the weights (2x the
+    activation memory of MiniLM at batch 32 on 8 devices). Pinned to the batch,
+    each weight is gathered where it is used.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or tuple(mesh.axis_names) != BATCH_AXES or x.shape[0] % mesh.size:
+        return x
+    return jax.lax.with_sharding_constraint(x, P(BATCH_AXES))
+
+
 def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 

@@ -22,6 +22,7 @@ import jax
 from flax import nnx
 
 from opera_jax.errors import InputError
+from opera_jax.sharding import constrain_batch
 
 POLICIES: dict[str, Callable | None] = {
     "none": None,
@@ -41,8 +42,13 @@ def policy_name(remat: bool | str) -> str:
 
 
 def checkpointed(layer: nnx.Module, remat: bool | str) -> Callable:
-    """``layer``'s ``__call__``, rematerialised in the backward pass as ``remat`` says."""
+    """``layer``'s ``__call__``, rematerialised in the backward pass as ``remat`` says, its
+    hidden-state input kept split over the batch (``sharding.constrain_batch``)."""
     name = policy_name(remat)
-    if name == "none":
-        return layer
-    return functools.partial(nnx.remat(type(layer).__call__, policy=POLICIES[name]), layer)
+    call = layer if name == "none" else functools.partial(
+        nnx.remat(type(layer).__call__, policy=POLICIES[name]), layer)
+
+    def run(h, *args):
+        return call(constrain_batch(h), *args)
+
+    return run

@@ -20,6 +20,7 @@ same dropout masks as an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable
 
 import flax.struct
@@ -112,6 +113,8 @@ class TrainStep:
     The new state keeps the layout of the state passed in (FSDP-sharded
     parameters and moments stay sharded as their rules say): without the
     constraint XLA may hand back a small replicated leaf split over devices.
+    The step is traced under ``jax.set_mesh`` of the state's mesh, so that the
+    models keep activations split over the batch (``sharding.constrain_batch``).
     One jitted function per state layout.
     """
 
@@ -119,6 +122,7 @@ class TrainStep:
         self._step, self._rest, self._jitted = step, rest, {}
 
     def _for(self, state: TrainState):
+        """``(jitted step, the mesh to trace it under or None)`` for this state's layout."""
         shardings = [getattr(x, "sharding", None) for x in jax.tree.leaves(state)]
         pinned = all(isinstance(s, NamedSharding) for s in shardings)
         key = (jax.tree.structure(state), tuple(shardings) if pinned else None)
@@ -131,19 +135,27 @@ class TrainStep:
                     new_state = jax.lax.with_sharding_constraint(new_state, layout)
                 return new_state, outputs
 
-            self._jitted[key] = jax.jit(step, donate_argnums=0)
+            self._jitted[key] = (jax.jit(step, donate_argnums=0), shardings[0].mesh if pinned else None)
         return self._jitted[key]
 
     def __call__(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        return self._for(state)(state, batch, self._rest)
+        jitted, mesh = self._for(state)
+        with _mesh_context(mesh):
+            return jitted(state, batch, self._rest)
 
     def lower(self, state: TrainState, batch: dict):
         """``jax.jit(...).lower`` for these arguments (arrays or ``jax.ShapeDtypeStruct`` with shardings)."""
-        return self._for(state).lower(state, batch, self._rest)
+        jitted, mesh = self._for(state)
+        with _mesh_context(mesh):
+            return jitted.lower(state, batch, self._rest)
 
     def compile(self, state: TrainState, batch: dict) -> None:
         """Compile for these shapes without running (nothing is donated); later calls reuse it."""
         self.lower(state, batch).compile()
+
+
+def _mesh_context(mesh):
+    return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
 
 
 def _reseed(graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State, key: jax.Array) -> nnx.State:
