@@ -10,9 +10,11 @@ gradients, scratch); ``cost_analysis`` the per-device FLOPs of one step.
 
 Run on the CPU (``opera-jax plan`` simulates ``devices`` CPU devices), the
 figures are XLA:CPU's buffer assignment: an estimate of a GPU's or TPU's, not
-a measurement (their compilers fuse and schedule differently, and XLA:CPU may
-compute bf16 matmuls in f32). Parameter and optimizer bytes are also counted
-from shapes and shardings, which holds on any backend.
+a measurement (their compilers fuse and schedule differently, XLA:CPU computes
+bf16 elementwise work in f32, and its buffer assignment does not realise
+remat's savings: temporaries with remat are an upper bound there). Parameter
+and optimizer bytes are counted from shapes and shardings, which holds on any
+backend; GradCache's and FSDP's effects on temporaries do show on the CPU.
 
 A model is read from its ``config.json`` only. A hub id that cannot be
 resolved offline falls back to the architecture presets shipped in
@@ -88,6 +90,9 @@ class Plan:
             f"note: compiled by XLA:{self.backend.upper()} for {self.devices} simulated devices; an estimate "
             "of a GPU's or TPU's memory, not a measurement.",
         ]
+        if self.backend == "cpu" and self.remat != "none":
+            lines.append("note: XLA:CPU's buffer assignment does not realise remat's savings (a 16-layer toy chain: "
+                         "392 MiB temp without jax.checkpoint, 512 MiB with), so temp with remat is an upper bound.")
         if self.grad_cache_chunk:
             lines.append("note: XLA's cost analysis counts a loop body once, so GradCache's compiled FLOPs "
                          "cover one chunk of each loop (the analytic figure is the whole step).")
