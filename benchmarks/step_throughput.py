@@ -161,6 +161,22 @@ def _pin(threads: int) -> None:
 
 # ---------------------------------------------------------------- the two children
 
+
+def _measure(run, args) -> dict:
+    """Warm-up steps, then timed ones: wall and CPU seconds, losses, steady RSS, kernel time and faults."""
+    warm = [run() for _ in range(args.warmup)]
+    rss_steady = _status_kb("VmRSS")
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
+    timed = [run() for _ in range(args.steps)]
+    return {
+        "warmup_s": [round(w, 3) for w, _, _ in warm],
+        "times_s": [round(x, 4) for x, _, _ in timed],
+        "cpu_times_s": [round(x, 4) for _, x, _ in timed],
+        "losses": [round(loss, 5) for _, _, loss in warm + timed],
+        "rss_steady_mb": _mb(rss_steady),
+        **_kernel_per_step(r0, args.steps),
+    }
+
 def child_jax(args, batch) -> dict:
     os.environ["JAX_PLATFORMS"] = "cpu"
     import jax
@@ -205,22 +221,13 @@ def child_jax(args, batch) -> dict:
         jax.block_until_ready((state, out))
         return time.perf_counter() - t, time.process_time() - c, float(out["loss"])
 
-    warm = [run() for _ in range(args.warmup)]
-    rss_steady = _status_kb("VmRSS")
-    r0 = resource.getrusage(resource.RUSAGE_SELF)
-    timed = [run() for _ in range(args.steps)]
-    kernel = _kernel_per_step(r0, args.steps)
+    measured = _measure(run, args)
     return {
         "compile_s": round(compile_s, 3),
-        "warmup_s": [round(w, 3) for w, _, _ in warm],
-        "times_s": [round(x, 4) for x, _, _ in timed],
-        "cpu_times_s": [round(x, 4) for _, x, _ in timed],
-        "losses": [round(l, 5) for _, _, l in warm + timed],
+        **measured,
         "rss_before_step_mb": _mb(rss_before),
         "rss_after_compile_mb": _mb(rss_after_compile),
         "peak_rss_at_compile_mb": _mb(hwm_compile),
-        "rss_steady_mb": _mb(rss_steady),
-        **kernel,
         "jax": jax.__version__,
     }
 
@@ -266,19 +273,10 @@ def child_torch(args, batch) -> dict:
         opt.step()
         return time.perf_counter() - t, time.process_time() - c, float(loss.detach())
 
-    warm = [run() for _ in range(args.warmup)]
-    rss_steady = _status_kb("VmRSS")
-    r0 = resource.getrusage(resource.RUSAGE_SELF)
-    timed = [run() for _ in range(args.steps)]
-    kernel = _kernel_per_step(r0, args.steps)
+    measured = _measure(run, args)
     return {
-        "warmup_s": [round(w, 3) for w, _, _ in warm],
-        "times_s": [round(x, 4) for x, _, _ in timed],
-        "cpu_times_s": [round(x, 4) for _, x, _ in timed],
-        "losses": [round(l, 5) for _, _, l in warm + timed],
+        **measured,
         "rss_before_step_mb": _mb(rss_before),
-        "rss_steady_mb": _mb(rss_steady),
-        **kernel,
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
     }
