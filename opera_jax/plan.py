@@ -237,9 +237,9 @@ def plan(config: Config, devices: int, fsdp: int = 1) -> Plan:
 
 
 def write_json(result: Plan, path: str | Path) -> None:
-    from opera_jax.io_utils import write_text
+    from opera_jax import io_utils
 
-    write_text(path, json.dumps(dataclasses.asdict(result), indent=2) + "\n")
+    io_utils.write_json(path, dataclasses.asdict(result))
 
 
 def fits(result: Plan, budget_bytes: float) -> bool:
