@@ -8,10 +8,13 @@ through ``opera-jax train``; the multi-process one through ``launch/local_multip
 from each run's ``train_log.jsonl`` (``log_every=1``; compilation excluded); the first steps
 (warm-up) are dropped and the median is reported. The ratio multi/single is the price of
 crossing process boundaries for the step's collectives on one machine; on a real cluster it is
-the interconnect's instead. To say whether that price is what it should be, the script also counts
-the collectives in the compiled step and times one bare cross-process all-reduce
-(``--probe``, run under the same launcher): the step's overhead should be about
-(collectives per step) x (one collective's latency).
+the interconnect's instead. To say whether that price is what it should be, the script also reads
+the collectives of the compiled step and the number of arrays (operands) each one carries, and times,
+under the same launcher (``--probe``), a bare cross-process all-reduce of one array and one of as many
+arrays as the step's largest (the gradients' tuple all-reduce). XLA:CPU's Gloo collectives move each
+operand of a tuple collective as its own exchange, so the expected overhead is
+sum over collectives of (t_1 + (operands - 1) * per-operand cost), less what the same collectives
+cost inside one process.
 """
 
 from __future__ import annotations
@@ -45,8 +48,8 @@ def _seconds_per_step(run: Path, skip: int) -> list[float]:
     return [r["steps"] * 8 / r["examples_per_s"] for r in rows[skip:]]
 
 
-def probe(calls: int = 50) -> None:
-    """Under the launcher: median seconds of one jitted all-reduce of a small array over every process."""
+def probe(operands: int, calls: int = 30) -> None:
+    """Under the launcher: median seconds of one jitted cross-process all-reduce of 1 and of ``operands`` arrays."""
     import jax
     import numpy as np
 
@@ -55,20 +58,23 @@ def probe(calls: int = 50) -> None:
 
     initialize()
     mesh = make_mesh()
-    x = put_global(np.ones((jax.device_count(), 256), np.float32), batch_sharding(mesh))
-    total = jax.jit(lambda a: a.sum(0))  # a cross-device (and cross-process) reduction
-    total(x).block_until_ready()
-    times = []
-    for _ in range(calls):
-        t = time.perf_counter()
-        total(x).block_until_ready()
-        times.append(time.perf_counter() - t)
+    result = {}
+    for k in (1, operands):
+        xs = [put_global(np.ones((jax.device_count(), 64), np.float32), batch_sharding(mesh)) for _ in range(k)]
+        total = jax.jit(lambda arrays: [a.sum(0) for a in arrays])  # XLA combines these into one tuple all-reduce
+        jax.block_until_ready(total(xs))
+        times = []
+        for _ in range(calls):
+            t = time.perf_counter()
+            jax.block_until_ready(total(xs))
+            times.append(time.perf_counter() - t)
+        result[str(k)] = statistics.median(times)
     if jax.process_index() == 0:
-        print(json.dumps({"collective_s": statistics.median(times)}))
+        print(json.dumps(result))
 
 
-def collectives_per_step(devices: int) -> dict:
-    """Collective ops in the compiled train step of the same tiny model, in a child with ``devices`` devices."""
+def collectives_per_step(devices: int) -> list[dict]:
+    """The collectives of the compiled train step of the same tiny model (op and operand count), in a child."""
     code = f"""
 import re, json, sys, jax, numpy as np
 from flax import nnx
@@ -85,8 +91,13 @@ g, params, rest = nnx.split(model, nnx.Param, ...)
 opt = make_optimizer(1e-3, 10, warmup_ratio=0.0)
 state = jax.device_put(init_state(params, opt, seed=0), replicated(mesh))
 hlo = make_train_step(g, rest, opt, 0.05).lower(state, jax.device_put(_batch(), batch_sharding(mesh))).compile().as_text()
-ops = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
-print(json.dumps({{op: len(re.findall(r"= [^=]* " + op + r"(-start)?\\(", hlo)) for op in ops}}))
+pattern = re.compile(r"= (.*?) (all-reduce|all-gather|reduce-scatter|collective-permute|all-to-all)(?:-start)?\(")
+found = []
+for line in hlo.splitlines():
+    m = pattern.search(line)
+    if m:
+        found.append({{"op": m.group(2), "operands": len(re.findall(r"[a-z]+[0-9]*\[[0-9,]*\]", m.group(1)))}})
+print(json.dumps(found))
 """
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
     out = subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True, cwd=ROOT)
@@ -100,28 +111,38 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--skip", type=int, default=5, help="warm-up steps left out")
     p.add_argument("--out", type=Path, default=None)
-    p.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)  # the child mode, see probe()
+    p.add_argument("--probe", type=int, default=None, help=argparse.SUPPRESS)  # the child mode, see probe()
     args = p.parse_args(argv)
-    if args.probe:
-        probe()
+    if args.probe is not None:
+        probe(args.probe)
         return {}
     total = args.processes * args.devices
+    launcher = ["bash", str(ROOT / "launch" / "local_multiprocess.sh"), "-n", str(args.processes),
+                "-d", str(args.devices), "--"]
+    collectives = collectives_per_step(total)
+    widest = max(c["operands"] for c in collectives)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         env = {**os.environ, "JAX_PLATFORMS": "cpu", "OPERA_CACHE_DIR": str(tmp / "cache")}
         single = {**env, "XLA_FLAGS": f"--xla_force_host_platform_device_count={total}"}
         subprocess.run(_train_args(tmp / "single", args.steps), env=single, check=True, cwd=ROOT,
                        stdout=subprocess.DEVNULL)
-        subprocess.run(["bash", str(ROOT / "launch" / "local_multiprocess.sh"), "-n", str(args.processes),
-                        "-d", str(args.devices), "--", *_train_args(tmp / "multi", args.steps)],
+        subprocess.run([*launcher, *_train_args(tmp / "multi", args.steps)],
                        env=env, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
         one = _seconds_per_step(tmp / "single", args.skip)
         many = _seconds_per_step(tmp / "multi", args.skip)
-        probed = subprocess.run(["bash", str(ROOT / "launch" / "local_multiprocess.sh"), "-n", str(args.processes),
-                                 "-d", str(args.devices), "--", sys.executable, __file__, "--probe"],
-                                env=env, check=True, cwd=ROOT, capture_output=True, text=True)
-        collective_s = json.loads(probed.stdout.strip().splitlines()[-1].split("] ", 1)[1])["collective_s"]
-    ops = collectives_per_step(total)
+        probe_args = [sys.executable, __file__, "--probe", str(widest)]
+        out = subprocess.run([*launcher, *probe_args], env=env, check=True, cwd=ROOT, capture_output=True, text=True)
+        cross = json.loads(out.stdout.strip().splitlines()[-1].split("] ", 1)[1])
+        out = subprocess.run(probe_args, env=single, check=True, cwd=ROOT, capture_output=True, text=True)
+        local = json.loads(out.stdout.strip().splitlines()[-1])
+
+    def cost(times: dict) -> float:
+        """Seconds the step's collectives take at these latencies: t_1 each, plus the per-operand cost."""
+        t1, tw = times["1"], times[str(widest)]
+        per_operand = (tw - t1) / (widest - 1) if widest > 1 else 0.0
+        return sum(t1 + (c["operands"] - 1) * per_operand for c in collectives)
+
     result = {
         "setup": {"processes": args.processes, "devices_per_process": args.devices, "steps": args.steps,
                   "skipped": args.skip, "cpus": os.cpu_count()},
@@ -129,9 +150,10 @@ def main(argv=None) -> dict:
         "multi_process_s_per_step": round(statistics.median(many), 4),
     }
     result["ratio_multi_over_single"] = round(result["multi_process_s_per_step"] / result["single_process_s_per_step"], 3)
-    result["collectives_per_step"] = ops
-    result["one_cross_process_collective_s"] = round(collective_s, 5)
-    result["expected_overhead_s"] = round(sum(ops.values()) * collective_s, 4)
+    result["collectives_per_step"] = collectives
+    result["all_reduce_s"] = {"cross_process": {k: round(v, 5) for k, v in cross.items()},
+                              "one_process": {k: round(v, 5) for k, v in local.items()}}
+    result["expected_overhead_s"] = round(cost(cross) - cost(local), 4)
     result["measured_overhead_s"] = round(result["multi_process_s_per_step"] - result["single_process_s_per_step"], 4)
     print(json.dumps(result, indent=2))
     if args.out:

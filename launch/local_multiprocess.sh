@@ -51,7 +51,7 @@ trap 'stop_all; exit 130' INT TERM
 for ((i = 0; i < procs; i++)); do
   (
     export OPERA_COORDINATOR="127.0.0.1:$port" OPERA_NUM_PROCESSES="$procs" OPERA_PROCESS_ID="$i"
-    export JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=$devices"
+    export JAX_PLATFORMS=cpu XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_force_host_platform_device_count=$devices"
     exec "$@" > >(sed -u "s/^/[$i] /") 2> >(sed -u "s/^/[$i] /" >&2)
   ) &
   pids+=($!)
