@@ -165,8 +165,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse, with ``key=value`` overrides accepted anywhere after the config (before or after options)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    overrides = [x for x in extra if "=" in x and not x.startswith("-")]
+    if len(overrides) < len(extra) or (overrides and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if overrides:
+        args.overrides = [*args.overrides, *overrides]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         from opera_jax.distributed import initialize
 

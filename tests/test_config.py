@@ -350,3 +350,17 @@ def test_release_values_we_cannot_honour(tmp_path, edit, words):
     path = release(tmp_path, edit)
     msg = error(path)
     assert str(path) in msg and words in msg
+
+
+def test_cli_overrides_go_anywhere_after_the_config(capsys):
+    from opera_jax.cli import parse_args
+
+    args = parse_args(["plan", "c.yaml", "--devices", "4", "a.b=1", "--fsdp", "2", "c=2"])
+    assert (args.overrides, args.devices, args.fsdp) == (["a.b=1", "c=2"], 4, 2)
+    args = parse_args(["train", "c.yaml", "x=1", "--out", "o", "y=2"])
+    assert args.overrides == ["x=1", "y=2"] and str(args.out) == "o"
+    for bad in (["train", "c.yaml", "--bogus"], ["train", "c.yaml", "--out", "o", "-x=1"], ["export", "run", "--out", "o", "k=v"]):
+        with pytest.raises(SystemExit) as e:
+            parse_args(bad)
+        assert e.value.code == 2
+        assert "unrecognized arguments" in capsys.readouterr().err
