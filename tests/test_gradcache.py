@@ -140,3 +140,72 @@ def test_cached_step_with_dp_on_eight_devices_equals_plain_step(tiny_bert_dir, m
     np.testing.assert_allclose(s8, s1, atol=1e-5)  # DP's scores, scattered from the step's pos_sim
     assert np.count_nonzero(s1) > 16
     assert max(np.abs(a - b).max() for a, b in zip(p1, p8)) <= 1e-5
+
+
+def _fsdp_steps(tiny_bert_dir, chunk, steps=3):
+    """``_steps`` with FSDP over 8 devices: parameters and moments split, the batch split too."""
+    from opera_jax.methods.dynamic import DPState, update
+    from opera_jax.sharding import FSDP_RULES, make_mesh, put_global, tree_shardings
+    from opera_jax.train.optim import make_optimizer
+    from opera_jax.train.step import init_state, make_train_step
+
+    mesh = make_mesh(fsdp=8)
+    graphdef, params, rest = _model(tiny_bert_dir, dropout=False)
+    opt = make_optimizer(1e-3, 10, warmup_ratio=0.0)
+    dp = DPState(scores=jnp.zeros(40, jnp.float32), losses=jnp.zeros(40, jnp.float32))
+    state = init_state(params, opt, seed=0, method=dp)
+    state = put_global(state, tree_shardings(state, mesh, FSDP_RULES))
+    step = make_train_step(graphdef, rest, opt, TAU, update, grad_cache_chunk=chunk)
+    losses = []
+    for i in range(steps):
+        batch = {**_batch(b=16, seed=i), "pair": np.arange(16, dtype=np.int32) + 2 * i,
+                 "query": np.arange(16, dtype=np.int32)}
+        state, out = step(state, jax.device_put(batch, batch_sharding(mesh)))
+        losses.append(np.asarray(out["per_example_loss"]))
+    return np.array(losses), np.asarray(state.method.scores), [np.asarray(x) for x in jax.tree.leaves(state.params)]
+
+
+def test_cached_step_with_fsdp_equals_plain_step(tiny_bert_dir, mesh1):
+    l1, s1, p1 = _steps(tiny_bert_dir, mesh1, chunk=None)
+    l8, s8, p8 = _fsdp_steps(tiny_bert_dir, chunk=8)
+    np.testing.assert_allclose(l8, l1, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(s8, s1, atol=1e-5)
+    for a, b in zip(p8, p1):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_fsdp_parameters_stay_split_inside_the_chunk_loops(tmp_path):
+    """No loop of the cached step carries a whole FSDP-split weight: left to itself, XLA hoists the
+    loop-invariant all-gathers out of the chunk loops (a BERT of width 256 carried its full
+    [256, 1024] and [1000, 256] weights through all four loops, as Qwen3-8B did its 30 GiB)."""
+    import json
+    import re
+
+    from opera_jax.models.bert import BertConfig, BertModel
+    from opera_jax.models.encoder import Retriever
+    from opera_jax.sharding import FSDP_RULES, make_mesh, tree_shardings
+    from opera_jax.train.optim import make_optimizer
+    from opera_jax.train.step import init_state, make_train_step
+
+    from conftest import GOLDEN
+
+    hf = json.loads((GOLDEN / "tiny_bert" / "config.json").read_text())
+    hf.update(hidden_size=256, intermediate_size=1024, num_attention_heads=8, vocab_size=1000)
+    config = BertConfig.from_hf(hf, source="test")
+    model = nnx.eval_shape(lambda: Retriever(BertModel(config, rngs=nnx.Rngs(0)), "mean", True))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    opt = make_optimizer(1e-3, 10)
+    state = jax.eval_shape(lambda p: init_state(p, opt, 0), params)
+    mesh = make_mesh(fsdp=8)
+    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                         state, tree_shardings(state, mesh, FSDP_RULES))
+    rows = batch_sharding(mesh)
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=rows) for k, v in train_step_batch(64, 2).items()}
+    hlo = make_train_step(graphdef, rest, opt, TAU, grad_cache_chunk=16).lower(state, batch).compile().as_text()
+    carries = [line.split(" while(")[0] for line in hlo.splitlines() if " while(" in line]
+    carries = [c for c in carries if re.search(r"f32\[[0-9]+,", c)]  # not the dropout RNG's loops
+    assert len(carries) == 4  # embed queries, embed passages, re-encode each
+    whole = {f"[{','.join(map(str, x.shape))}]" for x in jax.tree.leaves(params) if x.ndim == 2}
+    assert {"[256,1024]", "[1024,256]", "[1000,256]"} <= whole
+    for carry in carries:
+        assert not whole & set(re.findall(r"\[[0-9,]+\]", carry)), carry[:300]

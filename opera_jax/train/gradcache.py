@@ -53,18 +53,29 @@ def cached_loss_and_grad(
     batch: dict,
     temperature: float,
     chunk_size: int,
+    params_sharding=None,
 ):
     """``((loss, (per_example, pos_sim)), grads)``, as ``jax.value_and_grad(..., has_aux=True)`` of the plain loss.
 
     ``chunk_size`` is the number of queries per encoder call (passages: ``chunk_size * G``);
-    it must divide the global batch.
+    it must divide the global batch. ``params_sharding`` (a tree of shardings like ``params``,
+    e.g. FSDP's) is imposed on the parameters inside every loop body and on the gradient
+    accumulator.
     """
+    def keep_layout(tree):
+        return tree if params_sharding is None else jax.lax.with_sharding_constraint(tree, params_sharding)
+
     b = batch["query_input_ids"].shape[0]
     if b % chunk_size:
         raise ValueError(f"grad-cache chunk size {chunk_size} does not divide the global batch {b}")
     n = b // chunk_size
 
     def encode(p, ids, mask, chunk_key):
+        # The barrier ties the parameters to this chunk's inputs, so that their all-gathers (FSDP)
+        # and casts (bf16) stay in the loop body: XLA hoists loop-invariant ones out of the loop,
+        # where every device then holds every weight, gathered and in f32, for the whole step
+        # (Qwen3-8B on 8 devices: 107.6 GiB temp without the barrier, 67.3 GiB with it).
+        p, ids = jax.lax.optimization_barrier((keep_layout(p), ids))
         model = nnx.merge(graphdef, p, rest, copy=True)
         nnx.reseed(model, dropout=chunk_key)
         return model(ids, mask)
@@ -97,11 +108,11 @@ def cached_loss_and_grad(
         def body(acc, xs):
             ids_c, mask_c, key_c, grad_c = xs
             _, vjp = jax.vjp(lambda prm: encode(prm, ids_c, mask_c, key_c), params)
-            return jax.tree.map(jnp.add, acc, vjp(grad_c)[0]), None
+            return keep_layout(jax.tree.map(jnp.add, acc, vjp(grad_c)[0])), None
 
         return jax.lax.scan(body, acc, (ids, mask, keys, to_chunks(grad, n)))[0]
 
-    grads = jax.tree.map(jnp.zeros_like, params)
+    grads = keep_layout(jax.tree.map(jnp.zeros_like, params))
     grads = backward(grads, *sides["query"], grad_q.astype(q.dtype))
     grads = backward(grads, *sides["passage"], grad_p.astype(p.dtype))
     return (loss, aux), grads

@@ -77,11 +77,11 @@ def make_train_step(
         loss, per_example, pos_sim = contrastive_loss(q, p, temperature, batch["weight"])
         return loss, (per_example, pos_sim)
 
-    def step(state: TrainState, batch: dict, rest: nnx.State) -> tuple[TrainState, dict]:
+    def step(state: TrainState, batch: dict, rest: nnx.State, params_sharding=None) -> tuple[TrainState, dict]:
         key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
         if grad_cache_chunk:
             (loss, (per_example, pos_sim)), grads = cached_loss_and_grad(
-                graphdef, state.params, rest, key, batch, temperature, grad_cache_chunk)
+                graphdef, state.params, rest, key, batch, temperature, grad_cache_chunk, params_sharding)
         else:
             rest = _reseed(graphdef, state.params, rest, key)
             (loss, (per_example, pos_sim)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -130,7 +130,7 @@ class TrainStep:
             layout = jax.tree.unflatten(key[0], shardings) if pinned else None
 
             def step(state, batch, rest):
-                new_state, outputs = self._step(state, batch, rest)
+                new_state, outputs = self._step(state, batch, rest, None if layout is None else layout.params)
                 if layout is not None:
                     new_state = jax.lax.with_sharding_constraint(new_state, layout)
                 return new_state, outputs
