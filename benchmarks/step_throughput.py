@@ -34,15 +34,13 @@ loads the executable, so its peak RSS is the step's without XLA compilation.
 Both are reported (``jax`` = the first, ``jax_cached`` = the second); a
 first run of the trainer pays the compile peak.
 
-``--variant keep-scratch`` starts the JAX child with ``OPERA_JAX_KEEP_SCRATCH=1``
-(``opera_jax/host_memory.py``: glibc keeps XLA's per-step scratch block
-mapped; faster, more memory); the PyTorch child gets it only with
-``--torch-keep-scratch``.
+The JAX child runs as ``opera-jax`` does: malloc backed by transparent huge
+pages (``opera_jax/host_memory.py``; ``--variant 4k-pages`` turns that off), and
+torch hidden from transformers (which would import it, ~200 MB, when installed). The
+PyTorch child runs with the allocator as it comes, or with the same huge pages
+under ``--torch-hugepages``.
 
 Results, the per-change table and the profile findings: ``benchmarks/README.md``.
-In short (shape A, 1 thread): 0.78x -> 0.84-0.87x throughput and 1.89x -> 1.49x
-peak memory (1.35x with the compiled step loaded from cache); 1.02x throughput
-with ``--variant keep-scratch`` at 2.7x memory.
 
 Ratios: ``throughput`` = JAX examples/s over PyTorch examples/s (above 1: JAX faster);
 ``memory`` = JAX peak RSS over PyTorch peak RSS (below 1: JAX leaner).
@@ -80,8 +78,8 @@ def parse_args(argv=None):
     p.add_argument("--dropout", action="store_true", help="train mode with dropout on both sides")
     p.add_argument("--variant", default="default", help="which opera-jax step: " + ", ".join(VARIANTS))
     p.add_argument("--sides", default="jax,torch", help="comma list of jax, torch")
-    p.add_argument("--torch-keep-scratch", action="store_true",
-                   help="give the PyTorch child the keep-scratch allocator setting too (opera_jax/host_memory.py)")
+    p.add_argument("--torch-hugepages", action="store_true",
+                   help="give the PyTorch child malloc on huge pages too (opera_jax/host_memory.py)")
     p.add_argument("--compile-cache", default=None, help="also run a JAX child that loads the compiled step")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -94,7 +92,7 @@ def parse_args(argv=None):
 VARIANTS = {
     "default": {},
     "plain": {"plain": True},  # the formulations before the changes in the table above
-    "keep-scratch": {"env": {"OPERA_JAX_KEEP_SCRATCH": "1"}},  # opera_jax/host_memory.py
+    "4k-pages": {"env": {"OPERA_JAX_HUGEPAGES": "0"}},  # malloc without huge pages (opera_jax/host_memory.py)
     "remat": {"remat": True},
     "bf16": {"bf16": True},
 }
@@ -150,7 +148,8 @@ def _mb(kb: int) -> float:
 def _kernel_per_step(r0, steps: int) -> dict:
     r1 = resource.getrusage(resource.RUSAGE_SELF)
     return {"minor_faults_per_step": (r1.ru_minflt - r0.ru_minflt) // steps,
-            "sys_s_per_step": round((r1.ru_stime - r0.ru_stime) / steps, 3)}
+            "sys_s_per_step": round((r1.ru_stime - r0.ru_stime) / steps, 3),
+            "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}
 
 
 def _pin(threads: int) -> None:
@@ -316,11 +315,14 @@ def spawn(args, side: str, batch_file: str, tmp: str, compile_cache: str | None 
     if compile_cache:
         cmd += ["--compile-cache", compile_cache]
     env = dict(os.environ)
-    env.pop("OPERA_JAX_KEEP_SCRATCH", None)
+    env.pop("OPERA_JAX_HUGEPAGES", None)
+    env.pop("GLIBC_TUNABLES", None)
     if side == "jax":
         env.update(VARIANTS[args.variant].get("env", {}))
-    elif args.torch_keep_scratch:
-        env["OPERA_JAX_KEEP_SCRATCH"] = "1"
+    elif args.torch_hugepages:
+        from opera_jax.host_memory import with_hugetlb
+
+        env["GLIBC_TUNABLES"] = with_hugetlb(None)
     subprocess.run(cmd, check=True, env=env)
     return json.loads(Path(result_file).read_text())
 
@@ -328,6 +330,11 @@ def spawn(args, side: str, batch_file: str, tmp: str, compile_cache: str | None 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.child:
+        if args.child == "jax":
+            from opera_jax.host_memory import use_huge_pages
+
+            use_huge_pages()  # as the opera-jax command does: re-executes this child once
+            sys.modules.setdefault("torch", None)  # as opera-jax does: transformers would import torch (200 MB)
         run_child(args)
         return {"child": args.child}
     if args.variant not in VARIANTS:
@@ -362,7 +369,7 @@ def main(argv=None) -> dict:
     results["setup"] = {
         "model": args.model, "shape": args.shape, "queries": nq, "query_len": lq, "group": g,
         "passage_len": lp, "threads": args.threads, "dropout": args.dropout, "variant": args.variant,
-        "warmup": args.warmup, "steps": args.steps, "torch_keep_scratch": args.torch_keep_scratch,
+        "warmup": args.warmup, "steps": args.steps, "torch_hugepages": args.torch_hugepages,
         "query_tokens": int(batch["query_attention_mask"].sum()),
         "passage_tokens": int(batch["passage_attention_mask"].sum()),
     }

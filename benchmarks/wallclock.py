@@ -73,7 +73,8 @@ def run_all(args) -> dict[str, dict[int, list[dict]]]:
             if not done:
                 print(f"== {method}, seed {seed}", flush=True)
                 train_and_evaluate(config, workdir)
-            rows[method][seed] = [json.loads(x) for x in metrics.read_text().splitlines()]
+            by_step = {r["step"]: r for r in map(json.loads, metrics.read_text().splitlines())}  # one row a step
+            rows[method][seed] = [by_step[k] for k in sorted(by_step)]
     if "pretrain" in methods:  # the zero-shot model: step 0 of every run
         rows = {"pretrain": {s: rows[trained[0]][s][:1] for s in seeds}, **rows}
     return rows

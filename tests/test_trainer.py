@@ -128,3 +128,16 @@ def test_tiny_qwen3_runs_dp_with_cached_gradients_end_to_end(tmp_path):
     assert last["step"] == 4 and 0 <= last["ndcg@10"] <= 1
     enc = load_encoder(str(tmp_path / "model"))
     assert enc.architecture == "qwen3" and enc.spec.pooling == "last" and enc.spec.padding_side == "left"
+
+
+def test_metrics_log_keeps_resumed_rows_and_restarts_fresh_runs(tmp_path):
+    from opera_jax.train.trainer import MetricsLog
+
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"step": s, "ndcg@10": s / 100} for s in (0, 15, 30)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    MetricsLog(path, keep_until=15, enabled=True)  # resumed from the step-15 checkpoint
+    assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [0, 15]
+    log = MetricsLog(path, keep_until=0, enabled=True)  # no checkpoint: the run starts over, step 0 again
+    log.append(rows[0])
+    assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [0]

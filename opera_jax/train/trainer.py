@@ -144,14 +144,15 @@ def _segment_seed(seed: int, segment: int) -> int:
 
 
 class MetricsLog:
-    """``metrics.jsonl`` (process 0 only), cut back to ``keep_until`` steps on resume."""
+    """A JSONL log (process 0 only): cut back to the rows of steps <= ``keep_until`` on resume; a run
+    starting at step 0 (``keep_until`` 0: no checkpoint, even if an earlier attempt logged rows) starts it anew."""
 
     def __init__(self, path: Path, keep_until: int, enabled: bool):
         self.path, self.enabled = path, enabled
         if enabled and path.exists():
             rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
             with atomic_path(path) as tmp:
-                tmp.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= keep_until))
+                tmp.write_text("".join(json.dumps(r) + "\n" for r in rows if 0 < keep_until and r["step"] <= keep_until))
 
     def append(self, row: dict) -> None:
         if self.enabled:
