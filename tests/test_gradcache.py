@@ -113,16 +113,19 @@ def test_chunk_must_divide_the_batch(tiny_bert_dir):
         cached_loss_and_grad(graphdef, params, rest, jax.random.key(0), batch, TAU, 3)
 
 
-def _steps(tiny_bert_dir, mesh, chunk, steps=3):
-    """``steps`` train steps with DP's in-step score update; dropout off so the two step kinds can agree."""
+def _steps(tiny_bert_dir, mesh, chunk, steps=3, rules=()):
+    """``steps`` train steps with DP's in-step score update; dropout off so the two step kinds can agree.
+    ``rules``: partition rules for the state (default: replicated; ``FSDP_RULES`` splits it)."""
     from opera_jax.methods.dynamic import DPState, update
+    from opera_jax.sharding import put_global, tree_shardings
     from opera_jax.train.optim import make_optimizer
     from opera_jax.train.step import init_state, make_train_step
 
     graphdef, params, rest = _model(tiny_bert_dir, dropout=False)
     opt = make_optimizer(1e-3, 10, warmup_ratio=0.0)
     dp = DPState(scores=jnp.zeros(40, jnp.float32), losses=jnp.zeros(40, jnp.float32))
-    state = jax.device_put(init_state(params, opt, seed=0, method=dp), replicated(mesh))
+    state = init_state(params, opt, seed=0, method=dp)
+    state = put_global(state, tree_shardings(state, mesh, rules))
     step = make_train_step(graphdef, rest, opt, TAU, update, grad_cache_chunk=chunk)
     losses = []
     for i in range(steps):
@@ -142,32 +145,11 @@ def test_cached_step_with_dp_on_eight_devices_equals_plain_step(tiny_bert_dir, m
     assert max(np.abs(a - b).max() for a, b in zip(p1, p8)) <= 1e-5
 
 
-def _fsdp_steps(tiny_bert_dir, chunk, steps=3):
-    """``_steps`` with FSDP over 8 devices: parameters and moments split, the batch split too."""
-    from opera_jax.methods.dynamic import DPState, update
-    from opera_jax.sharding import FSDP_RULES, make_mesh, put_global, tree_shardings
-    from opera_jax.train.optim import make_optimizer
-    from opera_jax.train.step import init_state, make_train_step
-
-    mesh = make_mesh(fsdp=8)
-    graphdef, params, rest = _model(tiny_bert_dir, dropout=False)
-    opt = make_optimizer(1e-3, 10, warmup_ratio=0.0)
-    dp = DPState(scores=jnp.zeros(40, jnp.float32), losses=jnp.zeros(40, jnp.float32))
-    state = init_state(params, opt, seed=0, method=dp)
-    state = put_global(state, tree_shardings(state, mesh, FSDP_RULES))
-    step = make_train_step(graphdef, rest, opt, TAU, update, grad_cache_chunk=chunk)
-    losses = []
-    for i in range(steps):
-        batch = {**_batch(b=16, seed=i), "pair": np.arange(16, dtype=np.int32) + 2 * i,
-                 "query": np.arange(16, dtype=np.int32)}
-        state, out = step(state, jax.device_put(batch, batch_sharding(mesh)))
-        losses.append(np.asarray(out["per_example_loss"]))
-    return np.array(losses), np.asarray(state.method.scores), [np.asarray(x) for x in jax.tree.leaves(state.params)]
-
-
 def test_cached_step_with_fsdp_equals_plain_step(tiny_bert_dir, mesh1):
     l1, s1, p1 = _steps(tiny_bert_dir, mesh1, chunk=None)
-    l8, s8, p8 = _fsdp_steps(tiny_bert_dir, chunk=8)
+    from opera_jax.sharding import FSDP_RULES, make_mesh
+
+    l8, s8, p8 = _steps(tiny_bert_dir, make_mesh(fsdp=8), chunk=8, rules=FSDP_RULES)
     np.testing.assert_allclose(l8, l1, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(s8, s1, atol=1e-5)
     for a, b in zip(p8, p1):
