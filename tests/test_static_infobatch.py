@@ -58,6 +58,19 @@ def test_infobatch_prunes_a_share_of_well_learned_queries_and_reweights_the_rest
         np.testing.assert_allclose(w[stay], np.where(well[stay], 1 / (1 - ratio), 1.0), rtol=1e-6)
 
 
+def test_infobatch_keeps_at_least_one_batch():
+    """MED: 20 training queries, batch 16; an unbounded draw left 14 and stopped the run."""
+    losses = jnp.asarray(np.linspace(0, 2, 20), jnp.float32)  # 10 well learned
+    run = jax.jit(jax.vmap(lambda k: infobatch.select(losses, k, 0.5, anneal=False, min_kept=16)))
+    orders, counts, weights = map(np.asarray, run(jax.random.split(jax.random.key(0), 200)))
+    assert counts.min() == 16 and counts.max() > 16
+    for order, count in zip(orders, counts):
+        assert len(set(order.tolist())) == 20 and set(order[count:].tolist()) <= set(range(10))
+    free = np.asarray(jax.jit(jax.vmap(lambda k: infobatch.select(losses, k, 0.5, anneal=False)[1]))(
+        jax.random.split(jax.random.key(0), 200)))
+    assert free.min() < 16  # without the floor the same draws go below one batch
+
+
 def test_infobatch_anneals_and_records_losses():
     losses = jnp.asarray(np.linspace(0, 2, 50), jnp.float32)
     order, count, weights = infobatch.select(losses, jax.random.key(1), 0.25, anneal=True)

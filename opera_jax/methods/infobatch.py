@@ -7,6 +7,13 @@ the well-learned ones that stay weigh ``1 / (1 - ratio)`` in the loss, so the
 expected gradient is unchanged. In the last ``(1 - delta)`` share of the steps
 nothing is pruned (annealing; measured in steps, see opera.md).
 
+An epoch never shrinks below ``min_kept`` queries (the trainer passes one global
+batch): on a small training set (MED: 20 queries, batch 16) an unbounded draw
+can leave fewer queries than one batch. When the cap binds, the queries with
+the smallest draws are the ones pruned, so each well-learned query is pruned
+with a probability a little below ``ratio`` and its ``1 / (1 - ratio)`` weight
+over-corrects slightly, for that epoch only.
+
 The loss record is updated inside the train step; the epoch's selection is a
 jitted kernel; only the int32 order, the count and the weights leave the device.
 """
@@ -29,16 +36,20 @@ def update(losses: jax.Array, batch: dict, per_example_loss: jax.Array, pos_sim:
     return losses.at[batch["query"]].set(per_example_loss)
 
 
-@functools.partial(jax.jit, static_argnames=("anneal",))
-def select(losses: jax.Array, key, ratio: float, *, anneal: bool):
-    """``(order [n], kept count, weights [n])``: kept queries first in ``order``, in random order."""
+@functools.partial(jax.jit, static_argnames=("anneal", "min_kept"))
+def select(losses: jax.Array, key, ratio: float, *, anneal: bool, min_kept: int = 0):
+    """``(order [n], kept count, weights [n])``: kept queries first in ``order``, in random order;
+    at most ``n - min_kept`` queries pruned."""
     n = losses.shape[0]
     k_prune, k_order = jax.random.split(key)
     well_learned = losses < jnp.mean(losses)
     if anneal:
         pruned = jnp.zeros(n, bool)
     else:
-        pruned = well_learned & (jax.random.uniform(k_prune, (n,)) < ratio)
+        draw = jax.random.uniform(k_prune, (n,))
+        pruned = well_learned & (draw < ratio)
+        rank = jnp.argsort(jnp.argsort(jnp.where(pruned, draw, 2.0)))  # the pruned ones first, smallest draw first
+        pruned = pruned & (rank < max(n - min_kept, 0))
     weights = jnp.where(well_learned & ~pruned & (not anneal), 1.0 / (1.0 - ratio), 1.0)
     priority = jnp.where(pruned, 0.0, 1.0) + jax.random.uniform(k_order, (n,))
     order = jnp.argsort(-priority).astype(jnp.int32)
@@ -49,8 +60,9 @@ class InfoBatch:
     name = "infobatch"
     update = staticmethod(update)
 
-    def __init__(self, ts: TrainingSet, ratio: float, delta: float, *, seed: int, max_steps: int):
-        self.ts, self.ratio, self.seed = ts, ratio, seed
+    def __init__(self, ts: TrainingSet, ratio: float, delta: float, *, seed: int, max_steps: int,
+                 min_kept: int = 0):
+        self.ts, self.ratio, self.seed, self.min_kept = ts, ratio, seed, min_kept
         self.anneal_from = int(delta * max_steps)
 
     def init_state(self) -> jax.Array:
@@ -58,7 +70,8 @@ class InfoBatch:
 
     def plan(self, state: jax.Array, segment: int, step: int) -> Plan:
         key = jax.random.fold_in(jax.random.key(self.seed), segment)
-        order, count, weights = select(state, key, self.ratio, anneal=step >= self.anneal_from)
+        order, count, weights = select(state, key, self.ratio, anneal=step >= self.anneal_from,
+                                       min_kept=self.min_kept)
         query = np.asarray(order)[: int(count)]
         weight = np.asarray(weights)[query]
         pair = uniform_positives(self.ts, query, np.random.default_rng([self.seed, segment]))

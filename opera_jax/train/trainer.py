@@ -117,7 +117,8 @@ def make_method(config: Config, ts: TrainingSet, encoder: Encoder, query_tokens,
     if method.name == "basic":
         return Basic(ts, seed)
     if method.name == "infobatch":
-        return InfoBatch(ts, method.infobatch.ratio, method.infobatch.delta, seed=seed, max_steps=o.max_steps)
+        return InfoBatch(ts, method.infobatch.ratio, method.infobatch.delta, seed=seed, max_steps=o.max_steps,
+                         min_kept=o.batch_size)
     s0 = pair_similarities(encoder.model, ts, query_tokens, doc_tokens, query_max_len=config.data.query_max_len,
                            passage_max_len=config.data.passage_max_len, batch_size=config.data.eval_batch_size,
                            padding_side=encoder.spec.padding_side, mesh=mesh)
