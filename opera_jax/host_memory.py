@@ -41,16 +41,25 @@ def with_hugetlb(tunables: str | None) -> str:
     return ":".join([*items, TUNABLE])
 
 
+def _glibc_version() -> tuple[int, ...] | None:
+    """``(major, minor)`` of the C library on Linux when it is glibc, else None."""
+    name, version = platform.libc_ver()
+    if sys.platform != "linux" or name != "glibc":
+        return None
+    try:
+        return tuple(int(x) for x in version.split(".")[:2])
+    except ValueError:
+        return None
+
+
 def huge_pages_possible() -> bool:
     """Linux with glibc >= 2.35 and transparent huge pages not ``never``."""
-    if sys.platform != "linux":
+    version = _glibc_version()
+    if version is None or version < (2, 35):
         return False
-    name, version = platform.libc_ver()
     try:
-        if name != "glibc" or tuple(int(x) for x in version.split(".")[:2]) < (2, 35):
-            return False
         return "[never]" not in _THP.read_text()
-    except (OSError, ValueError):
+    except OSError:
         return False
 
 
@@ -58,15 +67,13 @@ def use_huge_pages() -> None:
     """Re-execute this command with huge pages for malloc, unless already so, turned off, or impossible."""
     if os.environ.get("OPERA_JAX_HUGEPAGES", "1") == "0":
         return
-    current = os.environ.get("GLIBC_TUNABLES")
-    if current is not None and "glibc.malloc.hugetlb=" in current:
-        return
-    if not huge_pages_possible():
+    current = os.environ.get("GLIBC_TUNABLES", "")
+    wanted = with_hugetlb(current)
+    if wanted == current or not huge_pages_possible():  # already set (by us or the user), or impossible
         return
     sys.stdout.flush()
     sys.stderr.flush()
-    env = {**os.environ, "GLIBC_TUNABLES": with_hugetlb(current)}
-    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], {**os.environ, "GLIBC_TUNABLES": wanted})
 
 
 def release_free_memory() -> None:
@@ -77,7 +84,7 @@ def release_free_memory() -> None:
     under its peak for the rest of the run. The train step calls this after
     compiling. Not glibc: nothing happens.
     """
-    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
+    if _glibc_version() is None:
         return
     import ctypes
 
