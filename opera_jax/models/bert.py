@@ -147,13 +147,21 @@ class BertAttention(nnx.Module):
         scale = jnp.asarray(1.0 / (d // self.num_heads) ** 0.5, h.dtype)
         if ops.PLAIN:
             q, k, v = heads(self.query(h)), heads(self.key(h)), heads(self.value(h))
-            logits = (q @ k.transpose(0, 1, 3, 2)) * scale
+            logits = ((q @ k.transpose(0, 1, 3, 2)) * scale).astype(jnp.float32)
+            ctx = self.attn_dropout(jax.nn.softmax(logits + bias, axis=-1).astype(v.dtype)) @ v
         else:
             q, k, v = heads(self.query(h) * scale), heads(self.key(h)), heads(self.value(h))
-            logits = q @ k.transpose(0, 1, 3, 2)
-        probs = ops.masked_softmax(logits, bias).astype(v.dtype)  # f32 softmax
-        ctx = (self.attn_dropout(probs) @ v).transpose(0, 2, 1, 3).reshape(b, n, d)
+            keep = _keep_mask(self.attn_dropout, (b, self.num_heads, n, n), q)
+            ctx = ops.attention(q, k, v, bias, keep, self.attn_dropout.rate)  # f32 softmax
+        ctx = ctx.transpose(0, 2, 1, 3).reshape(b, n, d)
         return _apply_norm(self.norm, h + self.dropout(self.out(ctx)))
+
+
+def _keep_mask(dropout: nnx.Dropout, shape: tuple[int, ...], like: jax.Array) -> jax.Array | None:
+    """The boolean keep-mask ``dropout`` would draw for an input of ``shape``; ``None`` when it is off."""
+    if dropout.deterministic or dropout.rate == 0.0:
+        return None
+    return jax.random.bernoulli(dropout.rngs(), 1.0 - dropout.rate, shape, out_sharding=jax.typeof(like).sharding)
 
 
 class BertMLP(nnx.Module):
@@ -165,7 +173,13 @@ class BertMLP(nnx.Module):
         self.dropout = nnx.Dropout(c.hidden_dropout_prob, rngs=rngs)
 
     def __call__(self, h: jax.Array) -> jax.Array:
-        return _apply_norm(self.norm, h + self.dropout(self.output(self.act(self.intermediate(h)))))
+        x = self.intermediate(h)
+        if self.act is ops.gelu:  # GELU and the output layer in one op (its backward keeps x only)
+            kernel, bias = (a[...].astype(self.output.dtype) for a in (self.output.kernel, self.output.bias))
+            y = ops.gelu_dense(x, kernel, bias)
+        else:
+            y = self.output(self.act(x))
+        return _apply_norm(self.norm, h + self.dropout(y))
 
 
 class BertLayer(nnx.Module):

@@ -8,17 +8,20 @@ one fused pass; the tests compare every gradient with ``jax.grad`` of the plain
 formulation (``tests/test_ops.py``).
 
 ``PLAIN = True`` (read at trace time) switches the model back to the plain
-formulations (``jax.nn.gelu``, ``nnx.LayerNorm``, the attention scale on the
-logits), to measure what the changes buy.
+formulations (``jax.nn.gelu``, ``nnx.LayerNorm``, ``jax.nn.softmax`` with the
+attention scale on the logits), to measure what the changes buy.
 
 - :func:`gelu`: exact GELU written with ``erf``, as PyTorch computes it (jax's
   ``gelu(approximate=False)`` uses ``erfc``, which XLA expands into a slower
   two-branch polynomial with an ``exp``). Saves the input only.
-- :func:`masked_softmax`: attention softmax that saves the probabilities only.
-  Autodiff of ``jax.nn.softmax`` kept three ``[b, heads, n, n]`` arrays per
-  layer alive for the backward pass (the exponentials, the reciprocal of their
-  sum broadcast to full size, the probabilities): at 64 x 256 tokens that is
-  3.6 GB of the step's 7.3 GB scratch.
+- :func:`attention`: softmax attention (with dropout) that keeps no ``[b, heads, n, n]``
+  array for the backward pass: it saves the softmax's row maxima and sums and
+  recomputes the probabilities there. Autodiff of ``jax.nn.softmax`` kept three
+  such arrays per layer (the exponentials, the reciprocal of their sum broadcast
+  to full size, the probabilities): at 64 x 256 tokens 3.6 GB of the step's
+  7.3 GB scratch; keeping the probabilities alone still cost 1.15 GB there.
+- :func:`gelu_dense`: GELU followed by a dense layer, saving the GELU's input
+  only (autodiff also keeps its output, the dense layer's input).
 - :func:`layer_norm`: saves the normalised input and ``1/std`` instead of the
   input, mean, variance and their intermediate products.
 """
@@ -107,34 +110,114 @@ def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> j
     return _layer_norm(x, scale, bias, eps)
 
 
-# ---------------------------------------------------------------- softmax
+# ---------------------------------------------------------------- GELU, then a dense layer
+
+def _after(x, g):
+    """``x``, made to depend on the cotangent ``g`` (``x + 0 * g[0]``), so that XLA cannot
+    compute a backward pass's recomputation during the forward pass. XLA:CPU drops
+    ``optimization_barrier``s before scheduling, and then schedules such recomputations
+    (they depend on forward values only) early, keeping all layers' copies alive."""
+    return x + (g.reshape(-1)[0] * 0).astype(x.dtype)
+
+
+def _dense(a, kernel, bias):
+    return jax.lax.dot_general(a, kernel, (((a.ndim - 1,), (0,)), ((), ()))) + bias
+
 
 @jax.custom_vjp
-def _masked_softmax(logits, bias):
-    z = logits.astype(jnp.float32) + bias
-    e = jnp.exp(z - z.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
+def _gelu_dense(x, kernel, bias):
+    return _dense(_gelu_erf(x), kernel, bias)
 
 
-def _softmax_fwd(logits, bias):
-    p = _masked_softmax(logits, bias)
-    return p, (p, jnp.zeros((), logits.dtype), bias)
+def _gelu_dense_fwd(x, kernel, bias):
+    return _gelu_dense(x, kernel, bias), (x, kernel)
 
 
-def _softmax_bwd(res, g):
-    p, zero, bias = res  # bias: [b, 1, 1, n], for its shape and dtype
-    bias_shape = bias.shape
-    dz = p * (g - (g * p).sum(-1, keepdims=True))
-    axes = tuple(i for i, n in enumerate(bias_shape) if n == 1 and dz.shape[i] != 1)
-    dbias = dz.sum(axes, keepdims=True).reshape(bias_shape) if axes else dz.reshape(bias_shape)
-    return dz.astype(zero.dtype), dbias.astype(bias.dtype)
+def _gelu_dense_bwd(res, g):
+    x, kernel = res
+    shape = x.shape
+    x = _after(x.reshape(-1, shape[-1]), g)  # [tokens, features]: plain 2-D matmuls below
+    g = g.reshape(-1, g.shape[-1])
+    cdf = 0.5 + 0.5 * jax.lax.erf(x * _SQRT_HALF)
+    pdf = jnp.exp(-0.5 * x * x) * _INV_SQRT_2PI
+    a = (x * cdf).astype(g.dtype)  # the activation, recomputed from the cdf the derivative needs anyway
+    dx = (g @ kernel.T) * (cdf + x * pdf)
+    return dx.reshape(shape).astype(x.dtype), (a.T @ g).astype(kernel.dtype), g.sum(0).astype(g.dtype)
 
 
-_masked_softmax.defvjp(_softmax_fwd, _softmax_bwd)
+_gelu_dense.defvjp(_gelu_dense_fwd, _gelu_dense_bwd)
 
 
-def masked_softmax(logits: jax.Array, bias: jax.Array) -> jax.Array:
-    """``softmax(logits + bias)`` over the last axis, in f32; ``bias`` broadcasts against ``logits``."""
+def gelu_dense(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+    """``gelu(x) @ kernel + bias`` (exact GELU). Its backward pass recomputes ``gelu(x)``
+    from ``x`` instead of keeping it: one ``[tokens, intermediate]`` array per layer less."""
     if PLAIN:
-        return jax.nn.softmax(logits.astype(jnp.float32) + bias, axis=-1)
-    return _masked_softmax(logits, bias)
+        return _dense(_gelu_plain(x), kernel, bias)
+    return _gelu_dense(x, kernel, bias)
+
+
+# ---------------------------------------------------------------- attention
+
+def _logits(q, k, bias):
+    return jnp.matmul(q, jnp.swapaxes(k, -1, -2)).astype(jnp.float32) + bias
+
+
+def _probabilities(q, k, bias):
+    """``softmax(q k^T + bias)`` in f32, with its row maxima and row sums' reciprocals ``[..., n, 1]``.
+
+    (Not a single log-sum-exp: with the mask's ``finfo.min`` bias a fully masked row's
+    maximum is ``-3.4e38``, and ``max + log(sum)`` would round back to the maximum.)"""
+    s = _logits(q, k, bias)
+    m = s.max(-1, keepdims=True)
+    e = jnp.exp(s - m)
+    inv = 1.0 / e.sum(-1, keepdims=True)
+    return e * inv, m, inv
+
+
+def _drop(p, keep, rate):
+    return p if keep is None else jnp.where(keep, p * (1.0 / (1.0 - rate)), 0.0)
+
+
+def _attention_core(q, k, v, bias, keep, rate):
+    p, _, _ = _probabilities(q, k, bias)
+    return jnp.matmul(_drop(p, keep, rate).astype(v.dtype), v)
+
+
+_attention = jax.custom_vjp(_attention_core, nondiff_argnums=(5,))
+
+
+def _attention_fwd(q, k, v, bias, keep, rate):
+    p, m, inv = _probabilities(q, k, bias)
+    return jnp.matmul(_drop(p, keep, rate).astype(v.dtype), v), (q, k, v, bias, keep, m, inv)
+
+
+def _attention_bwd(rate, res, g):
+    q, k, v, bias, keep, m, inv = res
+    # Every input of the recomputation made to follow g: otherwise XLA reuses the forward
+    # pass's broadcasts of m, inv and the bias, full [.., n, n] arrays kept alive per layer.
+    q, m, inv, bias = (_after(a, g) for a in (q, m, inv, bias))
+    p = jnp.exp(_logits(q, k, bias) - m) * inv  # the probabilities again, from the saved statistics
+    dv = jnp.matmul(jnp.swapaxes(_drop(p, keep, rate).astype(g.dtype), -1, -2), g)
+    dp = _drop(jnp.matmul(g, jnp.swapaxes(v, -1, -2)).astype(jnp.float32), keep, rate)
+    ds = p * (dp - (dp * p).sum(-1, keepdims=True))
+    axes = tuple(i for i, n in enumerate(bias.shape) if n == 1 and ds.shape[i] != 1)
+    dbias = (ds.sum(axes, keepdims=True) if axes else ds).reshape(bias.shape)
+    ds = ds.astype(q.dtype)
+    dq = jnp.matmul(ds, k)
+    dk = jnp.matmul(jnp.swapaxes(ds, -1, -2), q)
+    return dq, dk, dv.astype(v.dtype), dbias.astype(bias.dtype), None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array,
+              keep: jax.Array | None = None, rate: float = 0.0) -> jax.Array:
+    """``dropout(softmax(q k^T + bias)) v`` over ``[..., n, head_dim]`` arrays (``q`` already
+    scaled), softmax in f32; ``bias`` broadcasts against the ``[..., n, n]`` logits; ``keep``:
+    the dropout's boolean keep-mask (``None``: no dropout), kept entries scaled by ``1/(1-rate)``.
+
+    The backward pass recomputes the probabilities from ``q``, ``k`` and the saved
+    row statistics, as flash attention does, instead of keeping the ``[..., n, n]``
+    probabilities of every layer until the backward pass reaches it."""
+    return _attention(q, k, v, bias, keep, rate)
