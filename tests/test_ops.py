@@ -115,3 +115,16 @@ def test_gelu_dense_value_and_gradients_match_plain():
     np.testing.assert_allclose(got_out, want_out, atol=1e-5, rtol=1e-5)
     for name, a, b in zip(("x", "kernel", "bias"), got_vjp(g), want_vjp(g)):
         np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4, err_msg=name)
+
+
+def test_attention_with_a_key_by_key_bias_keeps_its_shape():
+    """A bias over [.., n, n] (not per batch row) gets a gradient of its own shape."""
+    rng = np.random.default_rng(5)
+    q, k, v = (jnp.asarray(rng.normal(size=(2, 3, 6, 4)).astype(np.float32)) for _ in range(3))
+    bias = jnp.asarray(rng.normal(size=(1, 1, 6, 6)).astype(np.float32))
+    g = jnp.asarray(rng.normal(size=q.shape).astype(np.float32))
+    want = jax.vjp(_plain_attention, q, k, v, bias)[1](g)
+    got = jax.vjp(ops.attention, q, k, v, bias)[1](g)
+    assert got[3].shape == bias.shape
+    for name, a, b in zip(("q", "k", "v", "bias"), got, want):
+        np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4, err_msg=name)

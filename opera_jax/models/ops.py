@@ -113,11 +113,15 @@ def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> j
 # ---------------------------------------------------------------- GELU, then a dense layer
 
 def _after(x, g):
-    """``x``, made to depend on the cotangent ``g`` (``x + 0 * g[0]``), so that XLA cannot
-    compute a backward pass's recomputation during the forward pass. XLA:CPU drops
-    ``optimization_barrier``s before scheduling, and then schedules such recomputations
-    (they depend on forward values only) early, keeping all layers' copies alive."""
-    return x + (g.reshape(-1)[0] * 0).astype(x.dtype)
+    """``x``, made to depend on the incoming cotangent ``g``: ``x + 0 * g[idx]``, where ``g[idx]``
+    keeps the leading axes ``x`` shares with ``g`` (so it is split over devices like ``x``: no
+    communication) and one entry of the others. A backward pass's recomputation fed this cannot
+    run during the forward pass: XLA:CPU drops ``optimization_barrier``s before scheduling, and
+    then schedules such recomputations early or merges them with the forward pass's values,
+    keeping every layer's copy alive."""
+    idx = tuple(slice(None) if i < g.ndim - 1 and x.shape[i] == g.shape[i] else slice(0, 1)
+                for i in range(x.ndim))
+    return x + (g[idx] * 0).astype(x.dtype)
 
 
 def _dense(a, kernel, bias):
@@ -136,8 +140,8 @@ def _gelu_dense_fwd(x, kernel, bias):
 def _gelu_dense_bwd(res, g):
     x, kernel = res
     shape = x.shape
-    x = _after(x.reshape(-1, shape[-1]), g)  # [tokens, features]: plain 2-D matmuls below
-    g = g.reshape(-1, g.shape[-1])
+    g = g.reshape(-1, g.shape[-1])  # [tokens, features]: plain 2-D matmuls below
+    x = _after(x.reshape(-1, shape[-1]), g)
     cdf = 0.5 + 0.5 * jax.lax.erf(x * _SQRT_HALF)
     pdf = jnp.exp(-0.5 * x * x) * _INV_SQRT_2PI
     a = (x * cdf).astype(g.dtype)  # the activation, recomputed from the cdf the derivative needs anyway
