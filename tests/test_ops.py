@@ -103,6 +103,43 @@ def test_attention_keeps_no_square_array_for_the_backward_pass():
     assert shapes and all(s[-2:] != (16, 16) for s in shapes), shapes
 
 
+@pytest.mark.parametrize("shape", [(3, 5, 12), (9, 12)])
+def test_dense_value_and_gradients_match_plain(shape):
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.normal(size=shape).astype(np.float32))
+    kernel = jnp.asarray(rng.normal(size=(12, 7)).astype(np.float32))
+    bias = jnp.asarray(rng.normal(size=(7,)).astype(np.float32))
+    g = jnp.asarray(rng.normal(size=shape[:-1] + (7,)).astype(np.float32))
+    want_out, want_vjp = jax.vjp(lambda x, w, b: x @ w + b, x, kernel, bias)
+    got_out, got_vjp = jax.vjp(ops.dense, x, kernel, bias)
+    np.testing.assert_allclose(got_out, want_out, atol=1e-5, rtol=1e-5)
+    for name, a, b in zip(("x", "kernel", "bias"), got_vjp(g), want_vjp(g)):
+        np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4, err_msg=name)
+
+
+def _weight_gradient_dot(plain: bool) -> str:
+    """The compiled dot that makes a dense layer's kernel gradient (a [8, 32, 32] input, as in the encoder)."""
+    x = jnp.ones((8, 32, 32), jnp.float32)
+    kernel, bias, after = jnp.ones((32, 64), jnp.float32), jnp.zeros((64,), jnp.float32), jnp.ones((64, 32))
+    ops.PLAIN = plain
+    try:
+        loss = lambda k, x: jnp.sum(jnp.tanh(ops.dense(x, k, bias)) @ after)
+        hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(kernel, x).compile().as_text()
+    finally:
+        ops.PLAIN = False
+    (dot,) = [line for line in hlo.splitlines() if " dot(" in line and "= f32[32,64]" in line]
+    return dot
+
+
+def test_dense_weight_gradient_contracts_over_the_tokens():
+    """x^T g as one dot contracting dimension 0 of both operands. Autodiff of the plain dot has
+    XLA:CPU copy g into [features, tokens] first and contract dimension 1 of that copy, which
+    runs at about half the FLOP rate (benchmarks/README.md)."""
+    assert "lhs_contracting_dims={0}, rhs_contracting_dims={0}" in _weight_gradient_dot(plain=False)
+    plain = _weight_gradient_dot(plain=True)  # what the op avoids
+    assert "lhs_contracting_dims={0}, rhs_contracting_dims={1}" in plain and "copy" in plain
+
+
 def test_gelu_dense_value_and_gradients_match_plain():
     rng = np.random.default_rng(4)
     x = jnp.asarray(rng.normal(scale=2.0, size=(3, 5, 12)).astype(np.float32))

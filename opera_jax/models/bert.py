@@ -95,6 +95,15 @@ def _linear(din: int, dout: int, p: Precision, rngs: nnx.Rngs) -> nnx.Linear:
     return nnx.Linear(din, dout, dtype=p.dtype, param_dtype=p.param_dtype, rngs=rngs)
 
 
+def _apply_linear(linear: nnx.Linear, x: jax.Array) -> jax.Array:
+    """``linear(x)`` through :func:`ops.dense` (its backward pass keeps the weight gradient's
+    dot in the layout XLA:CPU runs fastest)."""
+    if ops.PLAIN:
+        return linear(x)
+    dt = linear.dtype or x.dtype
+    return ops.dense(x.astype(dt), linear.kernel[...].astype(dt), linear.bias[...].astype(dt))
+
+
 def _norm(dim: int, eps: float, p: Precision, rngs: nnx.Rngs) -> nnx.LayerNorm:
     return nnx.LayerNorm(dim, epsilon=eps, dtype=p.dtype, param_dtype=p.param_dtype, rngs=rngs)
 
@@ -150,11 +159,12 @@ class BertAttention(nnx.Module):
             logits = ((q @ k.transpose(0, 1, 3, 2)) * scale).astype(jnp.float32)
             ctx = self.attn_dropout(jax.nn.softmax(logits + bias, axis=-1).astype(v.dtype)) @ v
         else:
-            q, k, v = heads(self.query(h) * scale), heads(self.key(h)), heads(self.value(h))
+            q = heads(_apply_linear(self.query, h) * scale)
+            k, v = heads(_apply_linear(self.key, h)), heads(_apply_linear(self.value, h))
             keep = _keep_mask(self.attn_dropout, (b, self.num_heads, n, n), q)
             ctx = ops.attention(q, k, v, bias, keep, self.attn_dropout.rate)  # f32 softmax
         ctx = ctx.transpose(0, 2, 1, 3).reshape(b, n, d)
-        return _apply_norm(self.norm, h + self.dropout(self.out(ctx)))
+        return _apply_norm(self.norm, h + self.dropout(_apply_linear(self.out, ctx)))
 
 
 def _keep_mask(dropout: nnx.Dropout, shape: tuple[int, ...], like: jax.Array) -> jax.Array | None:
@@ -173,7 +183,7 @@ class BertMLP(nnx.Module):
         self.dropout = nnx.Dropout(c.hidden_dropout_prob, rngs=rngs)
 
     def __call__(self, h: jax.Array) -> jax.Array:
-        x = self.intermediate(h)
+        x = _apply_linear(self.intermediate, h)
         if self.act is ops.gelu:  # GELU and the output layer in one op (its backward keeps x only)
             kernel, bias = (a[...].astype(self.output.dtype) for a in (self.output.kernel, self.output.bias))
             y = ops.gelu_dense(x, kernel, bias)

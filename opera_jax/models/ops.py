@@ -110,6 +110,39 @@ def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> j
     return _layer_norm(x, scale, bias, eps)
 
 
+# ---------------------------------------------------------------- dense layer
+
+def _rows(a):
+    return a.reshape(-1, a.shape[-1])
+
+
+@jax.custom_vjp
+def _dense_op(x, kernel, bias):
+    return _dense(x, kernel, bias)
+
+
+def _dense_fwd(x, kernel, bias):
+    return _dense(x, kernel, bias), (x, kernel)
+
+
+def _dense_bwd(res, g):
+    x, kernel = res
+    g2, x2 = _rows(g), _rows(x)
+    dx = jax.lax.dot_general(g2, kernel, (((1,), (1,)), ((), ())))  # g W^T
+    dkernel = jax.lax.dot_general(x2, g2, (((0,), (0,)), ((), ())))  # x^T g, contracted over tokens
+    return dx.reshape(x.shape).astype(x.dtype), dkernel.astype(kernel.dtype), g2.sum(0).astype(g.dtype)
+
+
+_dense_op.defvjp(_dense_fwd, _dense_bwd)
+
+
+def dense(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+    """``x @ kernel + bias`` over the last axis. Its backward pass contracts the weight
+    gradient over the tokens directly (``x^T g``); autodiff of the plain dot has XLA:CPU
+    materialise ``g^T`` and run ``x^T (g^T)^T``, at about half the FLOP rate."""
+    return _dense(x, kernel, bias) if PLAIN else _dense_op(x, kernel, bias)
+
+
 # ---------------------------------------------------------------- GELU, then a dense layer
 
 def _after(x, g):
@@ -195,20 +228,28 @@ def _attention_fwd(q, k, v, bias, keep, rate):
     return jnp.matmul(_drop(p, keep, rate).astype(v.dtype), v), (q, k, v, bias, keep, m, inv)
 
 
+def _t(a):
+    return None if a is None else jnp.swapaxes(a, -1, -2)
+
+
 def _attention_bwd(rate, res, g):
     q, k, v, bias, keep, m, inv = res
     # Every input of the recomputation made to follow g: otherwise XLA reuses the forward
     # pass's broadcasts of m, inv and the bias, full [.., n, n] arrays kept alive per layer.
     q, m, inv, bias = (_after(a, g) for a in (q, m, inv, bias))
-    p = jnp.exp(_logits(q, k, bias) - m) * inv  # the probabilities again, from the saved statistics
-    dv = jnp.matmul(jnp.swapaxes(_drop(p, keep, rate).astype(g.dtype), -1, -2), g)
-    dp = _drop(jnp.matmul(g, jnp.swapaxes(v, -1, -2)).astype(jnp.float32), keep, rate)
-    ds = p * (dp - (dp * p).sum(-1, keepdims=True))
-    axes = tuple(i for i, n in enumerate(bias.shape) if n == 1 and ds.shape[i] != 1)
-    dbias = (ds.sum(axes, keepdims=True) if axes else ds).reshape(bias.shape)
-    ds = ds.astype(q.dtype)
-    dq = jnp.matmul(ds, k)
-    dk = jnp.matmul(jnp.swapaxes(ds, -1, -2), q)
+    # Transposed ([.., key, query]) throughout: dv = p^T g and dk = ds^T q are then plain
+    # batched matmuls; contracting the second-to-last axis runs at half the rate on XLA:CPU.
+    p_t = jnp.exp(_logits(k, q, _t(bias)) - _t(m)) * _t(inv)  # the probabilities again, transposed
+    keep_t = _t(keep)
+    dv = jnp.matmul(_drop(p_t, keep_t, rate).astype(g.dtype), g)
+    dp_t = _drop(jnp.matmul(v, _t(g)).astype(jnp.float32), keep_t, rate)
+    ds_t = p_t * (dp_t - (dp_t * p_t).sum(-2, keepdims=True))
+    bias_t = _t(bias)
+    axes = tuple(i for i, n in enumerate(bias_t.shape) if n == 1 and ds_t.shape[i] != 1)
+    dbias = _t((ds_t.sum(axes, keepdims=True) if axes else ds_t).reshape(bias_t.shape))
+    ds_t = ds_t.astype(q.dtype)
+    dk = jnp.matmul(ds_t, q)
+    dq = jnp.matmul(_t(ds_t), k)
     return dq, dk, dv.astype(v.dtype), dbias.astype(bias.dtype), None
 
 
