@@ -16,10 +16,14 @@ attention scale on the logits), to measure what the changes buy.
   two-branch polynomial with an ``exp``). Saves the input only.
 - :func:`attention`: softmax attention (with dropout) that keeps no ``[b, heads, n, n]``
   array for the backward pass: it saves the softmax's row maxima and sums and
-  recomputes the probabilities there. Autodiff of ``jax.nn.softmax`` kept three
+  recomputes the probabilities there, transposed (``[.., key, query]``), so that two of
+  its three gradient matmuls contract the last axis. Autodiff of ``jax.nn.softmax`` kept three
   such arrays per layer (the exponentials, the reciprocal of their sum broadcast
   to full size, the probabilities): at 64 x 256 tokens 3.6 GB of the step's
   7.3 GB scratch; keeping the probabilities alone still cost 1.15 GB there.
+- :func:`dense`: a dense layer whose weight gradient contracts ``x`` and ``g`` over the
+  tokens directly; autodiff had XLA:CPU copy ``g`` transposed first and run a dot at about
+  half the FLOP rate.
 - :func:`gelu_dense`: GELU followed by a dense layer, saving the GELU's input
   only (autodiff also keeps its output, the dense layer's input).
 - :func:`layer_norm`: saves the normalised input and ``1/std`` instead of the
