@@ -116,6 +116,10 @@ def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> j
 
 # ---------------------------------------------------------------- dense layer
 
+def _dense(a, kernel, bias):
+    return jax.lax.dot_general(a, kernel, (((a.ndim - 1,), (0,)), ((), ()))) + bias
+
+
 def _rows(a):
     return a.reshape(-1, a.shape[-1])
 
@@ -159,10 +163,6 @@ def _after(x, g):
     idx = tuple(slice(None) if i < g.ndim - 1 and x.shape[i] == g.shape[i] else slice(0, 1)
                 for i in range(x.ndim))
     return x + (g[idx] * 0).astype(x.dtype)
-
-
-def _dense(a, kernel, bias):
-    return jax.lax.dot_general(a, kernel, (((a.ndim - 1,), (0,)), ((), ()))) + bias
 
 
 @jax.custom_vjp
