@@ -95,13 +95,15 @@ def _linear(din: int, dout: int, p: Precision, rngs: nnx.Rngs) -> nnx.Linear:
     return nnx.Linear(din, dout, dtype=p.dtype, param_dtype=p.param_dtype, rngs=rngs)
 
 
+def _weights(linear: nnx.Linear) -> tuple[jax.Array, jax.Array]:
+    """``linear``'s kernel and bias in its compute dtype."""
+    return linear.kernel[...].astype(linear.dtype), linear.bias[...].astype(linear.dtype)
+
+
 def _apply_linear(linear: nnx.Linear, x: jax.Array) -> jax.Array:
     """``linear(x)`` through :func:`ops.dense` (its backward pass keeps the weight gradient's
-    dot in the layout XLA:CPU runs fastest)."""
-    if ops.PLAIN:
-        return linear(x)
-    dt = linear.dtype or x.dtype
-    return ops.dense(x.astype(dt), linear.kernel[...].astype(dt), linear.bias[...].astype(dt))
+    dot in the layout XLA:CPU runs fastest; ``ops.PLAIN`` gives the plain dot)."""
+    return ops.dense(x.astype(linear.dtype), *_weights(linear))
 
 
 def _norm(dim: int, eps: float, p: Precision, rngs: nnx.Rngs) -> nnx.LayerNorm:
@@ -185,8 +187,7 @@ class BertMLP(nnx.Module):
     def __call__(self, h: jax.Array) -> jax.Array:
         x = _apply_linear(self.intermediate, h)
         if self.act is ops.gelu:  # GELU and the output layer in one op (its backward keeps x only)
-            kernel, bias = (a[...].astype(self.output.dtype) for a in (self.output.kernel, self.output.bias))
-            y = ops.gelu_dense(x, kernel, bias)
+            y = ops.gelu_dense(x, *_weights(self.output))
         else:
             y = self.output(self.act(x))
         return _apply_norm(self.norm, h + self.dropout(y))

@@ -133,12 +133,18 @@ def _dense_fwd(x, kernel, bias):
     return _dense(x, kernel, bias), (x, kernel)
 
 
+def _dense_grads(a, kernel, g):
+    """``(g W^T, a^T g, sum of g)`` for ``[tokens, in]`` inputs ``a`` and ``[tokens, out]`` cotangents
+    ``g``: the gradients of a dense layer, its weight gradient contracted over the tokens directly."""
+    da = jax.lax.dot_general(g, kernel, (((1,), (1,)), ((), ())))
+    dkernel = jax.lax.dot_general(a, g, (((0,), (0,)), ((), ())))
+    return da, dkernel.astype(kernel.dtype), g.sum(0)
+
+
 def _dense_bwd(res, g):
     x, kernel = res
-    g2, x2 = _rows(g), _rows(x)
-    dx = jax.lax.dot_general(g2, kernel, (((1,), (1,)), ((), ())))  # g W^T
-    dkernel = jax.lax.dot_general(x2, g2, (((0,), (0,)), ((), ())))  # x^T g, contracted over tokens
-    return dx.reshape(x.shape).astype(x.dtype), dkernel.astype(kernel.dtype), g2.sum(0).astype(g.dtype)
+    dx, dkernel, dbias = _dense_grads(_rows(x), kernel, _rows(g))
+    return dx.reshape(x.shape).astype(x.dtype), dkernel, dbias
 
 
 _dense_op.defvjp(_dense_fwd, _dense_bwd)
@@ -176,14 +182,13 @@ def _gelu_dense_fwd(x, kernel, bias):
 
 def _gelu_dense_bwd(res, g):
     x, kernel = res
-    shape = x.shape
-    g = g.reshape(-1, g.shape[-1])  # [tokens, features]: plain 2-D matmuls below
-    x = _after(x.reshape(-1, shape[-1]), g)
-    cdf = 0.5 + 0.5 * jax.lax.erf(x * _SQRT_HALF)
-    pdf = jnp.exp(-0.5 * x * x) * _INV_SQRT_2PI
-    a = (x * cdf).astype(g.dtype)  # the activation, recomputed from the cdf the derivative needs anyway
-    dx = (g @ kernel.T) * (cdf + x * pdf)
-    return dx.reshape(shape).astype(x.dtype), (a.T @ g).astype(kernel.dtype), g.sum(0).astype(g.dtype)
+    g = _rows(g)  # [tokens, features]: plain 2-D matmuls below
+    x2 = _after(_rows(x), g)
+    cdf = 0.5 + 0.5 * jax.lax.erf(x2 * _SQRT_HALF)
+    pdf = jnp.exp(-0.5 * x2 * x2) * _INV_SQRT_2PI
+    a = (x2 * cdf).astype(g.dtype)  # the activation, recomputed from the cdf the derivative needs anyway
+    da, dkernel, dbias = _dense_grads(a, kernel, g)
+    return (da * (cdf + x2 * pdf)).reshape(x.shape).astype(x.dtype), dkernel, dbias
 
 
 _gelu_dense.defvjp(_gelu_dense_fwd, _gelu_dense_bwd)
@@ -243,12 +248,11 @@ def _attention_bwd(rate, res, g):
     q, m, inv, bias = (_after(a, g) for a in (q, m, inv, bias))
     # Transposed ([.., key, query]) throughout: dv = p^T g and dk = ds^T q are then plain
     # batched matmuls; contracting the second-to-last axis runs at half the rate on XLA:CPU.
-    p_t = jnp.exp(_logits(k, q, _t(bias)) - _t(m)) * _t(inv)  # the probabilities again, transposed
-    keep_t = _t(keep)
+    bias_t, keep_t = _t(bias), _t(keep)
+    p_t = jnp.exp(_logits(k, q, bias_t) - _t(m)) * _t(inv)  # the probabilities again, transposed
     dv = jnp.matmul(_drop(p_t, keep_t, rate).astype(g.dtype), g)
     dp_t = _drop(jnp.matmul(v, _t(g)).astype(jnp.float32), keep_t, rate)
     ds_t = p_t * (dp_t - (dp_t * p_t).sum(-2, keepdims=True))
-    bias_t = _t(bias)
     axes = tuple(i for i, n in enumerate(bias_t.shape) if n == 1 and ds_t.shape[i] != 1)
     dbias = _t((ds_t.sum(axes, keepdims=True) if axes else ds_t).reshape(bias_t.shape))
     ds_t = ds_t.astype(q.dtype)
