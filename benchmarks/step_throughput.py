@@ -35,7 +35,9 @@ Both are reported (``jax`` = the first, ``jax_cached`` = the second); a
 first run of the trainer pays the compile peak.
 
 The JAX child runs as ``opera-jax`` does: malloc backed by transparent huge
-pages (``opera_jax/host_memory.py``; ``--variant 4k-pages`` turns that off), and
+pages (``opera_jax/host_memory.py``; ``--variant 4k-pages`` turns that off), lone
+dots through XLA's Eigen path (``opera_jax/xla_cpu.py``; ``--variant ynn-dots`` keeps
+jaxlib's YNNPACK default), and
 torch hidden from transformers (which would import it, ~200 MB, when installed). The
 PyTorch child runs with the allocator as it comes, or with the same huge pages
 under ``--torch-hugepages``.
@@ -93,6 +95,7 @@ VARIANTS = {
     "default": {},
     "plain": {"plain": True},  # the formulations before the changes in the table above
     "4k-pages": {"env": {"OPERA_JAX_HUGEPAGES": "0"}},  # malloc without huge pages (opera_jax/host_memory.py)
+    "ynn-dots": {"env": {"OPERA_JAX_XLA_CPU_FLAGS": "0"}},  # jaxlib's default dots (opera_jax/xla_cpu.py)
     "remat": {"remat": True},
     "bf16": {"bf16": True},
 }
@@ -316,6 +319,7 @@ def spawn(args, side: str, batch_file: str, tmp: str, compile_cache: str | None 
         cmd += ["--compile-cache", compile_cache]
     env = dict(os.environ)
     env.pop("OPERA_JAX_HUGEPAGES", None)
+    env.pop("OPERA_JAX_XLA_CPU_FLAGS", None)
     env.pop("GLIBC_TUNABLES", None)
     if side == "jax":
         env.update(VARIANTS[args.variant].get("env", {}))
@@ -334,6 +338,9 @@ def main(argv=None) -> dict:
             from opera_jax.host_memory import use_huge_pages
 
             use_huge_pages()  # as the opera-jax command does: re-executes this child once
+            from opera_jax.xla_cpu import use_xla_cpu_flags
+
+            use_xla_cpu_flags()  # as the opera-jax command does: lone dots through Eigen
             sys.modules.setdefault("torch", None)  # as opera-jax does: transformers would import torch (200 MB)
         run_child(args)
         return {"child": args.child}

@@ -194,10 +194,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> int:
-    """The ``opera-jax`` command: ``main`` in a process whose malloc uses huge pages (``host_memory.py``)."""
+    """The ``opera-jax`` command: ``main`` in a process whose malloc uses huge pages (``host_memory.py``)
+    and whose XLA:CPU sends lone matrix multiplications to Eigen (``xla_cpu.py``)."""
     from opera_jax.host_memory import use_huge_pages
+    from opera_jax.xla_cpu import use_xla_cpu_flags
 
     use_huge_pages()  # re-executes this command once, before anything is allocated
+    use_xla_cpu_flags()  # before jax starts its CPU backend
     # transformers (tokenizers, configs) imports torch whenever it is installed: ~200 MB of
     # memory and seconds of start-up that opera-jax never uses. Hidden from this process only.
     sys.modules.setdefault("torch", None)

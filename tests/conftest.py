@@ -5,6 +5,10 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from opera_jax.xla_cpu import use_xla_cpu_flags  # noqa: E402
+
+use_xla_cpu_flags()  # XLA:CPU as the opera-jax command runs it (lone dots through Eigen)
+
 from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
