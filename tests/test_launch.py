@@ -1,7 +1,8 @@
 """The multi-host path on one machine: ``launch/local_multiprocess.sh`` runs a real DP training on
-2 processes x 2 CPU devices that equals 1 process x 4 devices; a process killed mid-run brings the
-job down instead of hanging; resuming on 2 processes continues exactly. Both tests compare against
-one 1-process run of the same 24 steps (a module fixture)."""
+2 processes x 2 CPU devices; a process killed mid-run brings the job down instead of hanging;
+resuming on 2 processes continues exactly; and the whole 2-process run (the steps before the kill
+and those after the resume) equals 1 process x 4 devices running the same 24 steps uninterrupted:
+losses, evaluations, DP's plans and the exported parameters."""
 
 import json
 import os
@@ -44,14 +45,6 @@ def _env(tmp_path: Path, devices: int | None = None) -> dict:
 STEPS = ["optim.max_steps=24", "train.eval_every=12", "train.checkpoint_every=2"]
 
 
-@pytest.fixture(scope="module")
-def one_process(tmp_path_factory) -> tuple[Path, Path]:
-    """``(run dir, scratch dir)`` of the reference: 1 process x 4 devices, ``STEPS``."""
-    base = tmp_path_factory.mktemp("launch")
-    subprocess.run(_args(base / "one", *STEPS), env=_env(base, 4), check=True, timeout=900, cwd=ROOT)
-    return base / "one", base
-
-
 def _two_processes(tmp_path, out, *extra):
     return subprocess.run(["bash", str(LAUNCHER), "-n", "2", "-d", "2", "--", *_args(out, *extra)],
                           env=_env(tmp_path), timeout=900, cwd=ROOT, capture_output=True, text=True)
@@ -79,27 +72,10 @@ def _max_param_diff(a: Path, b: Path) -> float:
 
 
 @pytest.mark.slow
-def test_two_processes_train_like_one(one_process):
-    one, base = one_process
-    two = _two_processes(base, base / "two", *STEPS)
-    assert two.returncode == 0, two.stderr[-3000:]
-    a, b = _rows(one / "train_log.jsonl"), _rows(base / "two" / "train_log.jsonl")
-    assert [r["step"] for r in a] == list(range(1, 25)) == [r["step"] for r in b]
-    np.testing.assert_allclose([r["loss"] for r in b], [r["loss"] for r in a], atol=1e-5)
-    ma, mb = _rows(one / "metrics.jsonl"), _rows(base / "two" / "metrics.jsonl")
-    assert [r["step"] for r in ma] == [0, 12, 24] == [r["step"] for r in mb]
-    np.testing.assert_allclose([r["ndcg@10"] for r in mb], [r["ndcg@10"] for r in ma], atol=1e-4)
-    pa, pb = _plans(one), _plans(base / "two")
-    assert pa.keys() == pb.keys() and len(pa) >= 2
-    for s in pa:  # DP's plans, drawn on device from the trained scores: identical
-        np.testing.assert_array_equal(pa[s], pb[s])
-    assert _max_param_diff(one, base / "two") <= 1e-5
-    assert two.stdout.count("final: ndcg@10") == 1  # process 0 reports, not every process
-
-
-@pytest.mark.slow
-def test_killed_process_fails_the_job_and_resume_continues_exactly(one_process):
-    one, base = one_process
+def test_killed_process_fails_the_job_and_two_processes_resumed_train_like_one(tmp_path):
+    base = tmp_path
+    one = base / "one"  # the reference: 1 process x 4 devices, uninterrupted
+    subprocess.run(_args(one, *STEPS), env=_env(base, 4), check=True, timeout=900, cwd=ROOT)
     run = base / "killed"
     job = subprocess.Popen(["bash", str(LAUNCHER), "-n", "2", "-d", "2", "--", *_args(run, *STEPS)],
                            env=_env(base), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -124,9 +100,17 @@ def test_killed_process_fails_the_job_and_resume_continues_exactly(one_process):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a, b = _rows(one / "train_log.jsonl"), _rows(run / "train_log.jsonl")
     assert b[:saved] == before  # kept from the first attempt (timings included): it resumed, not restarted
-    assert [r["step"] for r in b] == list(range(1, 25))
+    assert [r["step"] for r in a] == list(range(1, 25)) == [r["step"] for r in b]
     np.testing.assert_allclose([r["loss"] for r in b], [r["loss"] for r in a], atol=1e-5)
+    ma, mb = _rows(one / "metrics.jsonl"), _rows(run / "metrics.jsonl")
+    assert [r["step"] for r in ma] == [0, 12, 24] == [r["step"] for r in mb]
+    np.testing.assert_allclose([r["ndcg@10"] for r in mb], [r["ndcg@10"] for r in ma], atol=1e-4)
+    pa, pb = _plans(one), _plans(run)
+    assert pa.keys() == pb.keys() and len(pa) >= 2
+    for s in pa:  # DP's plans, drawn on device from the trained scores: identical
+        np.testing.assert_array_equal(pa[s], pb[s])
     assert _max_param_diff(one, run) <= 1e-5
+    assert resumed.stdout.count("final: ndcg@10") == 1  # process 0 reports, not every process
 
 
 def test_launcher_help_and_usage_errors():
