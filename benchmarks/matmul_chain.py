@@ -72,10 +72,9 @@ def main(argv=None) -> dict:
             from opera_jax.host_memory import use_huge_pages
 
             use_huge_pages()  # malloc as the opera-jax command runs it (re-executes this child once)
-            if os.environ.get("OPERA_JAX_XLA_CPU_FLAGS") is None:  # dots as the command runs them (xla_cpu.py)
-                from opera_jax.xla_cpu import use_xla_cpu_flags
+            from opera_jax.xla_cpu import use_xla_cpu_flags
 
-                use_xla_cpu_flags()
+            use_xla_cpu_flags()  # dots as the command runs them (OPERA_JAX_XLA_CPU_FLAGS=0: jaxlib's default)
         print(json.dumps(_child(args.child, args.tokens, args.layers, args.repeats)))
         return {}
     cpus = sorted(os.sched_getaffinity(0))[:1]  # one thread, one core, both sides

@@ -1,15 +1,15 @@
 """The XLA:CPU flags opera-jax runs with: single matrix multiplications through Eigen, not YNNPACK.
 
 jaxlib 0.10's XLA:CPU hands every dot to YNNPACK (``__ynn_fusion``). For the
-encoder's shapes, f32 on one core of an Intel Xeon (Sapphire/Emerald Rapids,
-AVX-512), YNNPACK's kernels are the slower ones: the feed-forward up-projection
+encoder's shapes, f32 on one core of an Intel Xeon (Emerald Rapids, AVX-512),
+YNNPACK's kernels are the slower ones: the feed-forward up-projection
 ``[16384, 384] @ [384, 1536]`` ran at 60-70 GFLOP/s against 120-137 under
 XLA's Eigen path, and the MiniLM train step's dots as a whole at 80 against 102
-GFLOP/s (``benchmarks/README.md``, "XLA:CPU's matmul library"). Removing the
+GFLOP/s (``benchmarks/README.md``, "lone dots through Eigen instead of YNNPACK"). Removing the
 YNN fusion type ``INDIVIDUAL_DOT`` sends lone dots to Eigen and leaves YNNPACK
-the reductions (LayerNorm, softmax) it does well: switching YNNPACK off
-altogether makes XLA split those reductions into hundreds of slow
-``reduce-window`` passes.
+the reductions (LayerNorm, softmax row sums) with whatever it fuses into them:
+switching YNNPACK off altogether makes XLA split those reductions into hundreds
+of slow ``reduce-window`` passes (a slower step than jaxlib's default).
 
 The flag is read when jax starts its CPU backend, so :func:`use_xla_cpu_flags`
 must run before the first jax computation; the ``opera-jax`` command calls it
