@@ -69,12 +69,9 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     if args.child:
         if args.child == "jax":
-            from opera_jax.host_memory import use_huge_pages
+            from opera_jax.cli import prepare_process
 
-            use_huge_pages()  # malloc as the opera-jax command runs it (re-executes this child once)
-            from opera_jax.xla_cpu import use_xla_cpu_flags
-
-            use_xla_cpu_flags()  # dots as the command runs them (OPERA_JAX_XLA_CPU_FLAGS=0: jaxlib's default)
+            prepare_process()  # as the opera-jax command runs (re-executes this child once)
         print(json.dumps(_child(args.child, args.tokens, args.layers, args.repeats)))
         return {}
     cpus = sorted(os.sched_getaffinity(0))[:1]  # one thread, one core, both sides

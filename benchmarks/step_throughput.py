@@ -335,13 +335,9 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.child:
         if args.child == "jax":
-            from opera_jax.host_memory import use_huge_pages
+            from opera_jax.cli import prepare_process
 
-            use_huge_pages()  # as the opera-jax command does: re-executes this child once
-            from opera_jax.xla_cpu import use_xla_cpu_flags
-
-            use_xla_cpu_flags()  # as the opera-jax command does: lone dots through Eigen
-            sys.modules.setdefault("torch", None)  # as opera-jax does: transformers would import torch (200 MB)
+            prepare_process()  # as the opera-jax command runs (re-executes this child once)
         run_child(args)
         return {"child": args.child}
     if args.variant not in VARIANTS:

@@ -193,17 +193,23 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def entry() -> int:
-    """The ``opera-jax`` command: ``main`` in a process whose malloc uses huge pages (``host_memory.py``)
-    and whose XLA:CPU sends lone matrix multiplications to Eigen (``xla_cpu.py``)."""
+def prepare_process() -> None:
+    """Set this process up as the ``opera-jax`` command runs: malloc on transparent huge pages
+    (``host_memory.py``; re-executes the command once), XLA:CPU's lone matrix multiplications through
+    Eigen (``xla_cpu.py``), and torch hidden from transformers, which imports it whenever it is
+    installed (~200 MB of memory and seconds of start-up that opera-jax never uses). Call it first
+    thing, before jax computes anything; the benchmarks' JAX processes call it too."""
     from opera_jax.host_memory import use_huge_pages
     from opera_jax.xla_cpu import use_xla_cpu_flags
 
     use_huge_pages()  # re-executes this command once, before anything is allocated
     use_xla_cpu_flags()  # before jax starts its CPU backend
-    # transformers (tokenizers, configs) imports torch whenever it is installed: ~200 MB of
-    # memory and seconds of start-up that opera-jax never uses. Hidden from this process only.
-    sys.modules.setdefault("torch", None)
+    sys.modules.setdefault("torch", None)  # hidden from this process only
+
+
+def entry() -> int:
+    """The ``opera-jax`` command: :func:`main` in a process set up by :func:`prepare_process`."""
+    prepare_process()
     return main()
 
 
