@@ -1,10 +1,13 @@
 """The hand-written backward passes of opera_jax.models.ops against jax.grad of the plain formulations."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from opera_jax import xla_cpu
 from opera_jax.models import ops
 
 
@@ -138,6 +141,30 @@ def test_dense_weight_gradient_contracts_over_the_tokens():
     assert "lhs_contracting_dims={0}, rhs_contracting_dims={0}" in _weight_gradient_dot(plain=False)
     plain = _weight_gradient_dot(plain=True)  # what the op avoids
     assert "lhs_contracting_dims={0}, rhs_contracting_dims={1}" in plain and "copy" in plain
+
+
+def _dots_fused_into_ynnpack(dense) -> int:
+    """How many of XLA:CPU's YNNPACK fusions hold a dot, compiling ``layer_norm(dense(x) + x)``:
+    a dense layer feeding a LayerNorm, as the encoder's output projections do (4,096 tokens: XLA:CPU
+    leaves smaller dots out of the fusion)."""
+    x = jnp.ones((32, 128, 64), jnp.float32)
+    kernel, bias, scale = jnp.ones((64, 64), jnp.float32), jnp.zeros((64,), jnp.float32), jnp.ones((64,))
+    f = lambda x, k: ops.layer_norm(dense(x, k, bias) + x, scale, bias, 1e-12)
+    hlo = jax.jit(f).lower(x, kernel).compile().as_text()
+    bodies = dict(re.findall(r"^%?([\w.\-]+) \(.*?\) -> .*? \{\n(.*?)\n\}", hlo, re.S | re.M))
+    fusions = [re.search(r"calls=%?([\w.\-]+)", line).group(1) for line in hlo.splitlines()
+               if "__ynn_fusion" in line and "calls=" in line]
+    return sum(" dot(" in bodies.get(name, "") for name in fusions)
+
+
+def test_dense_stays_a_lone_dot_before_a_layer_norm():
+    """On XLA:CPU the plain dot is fused into YNNPACK's LayerNorm reduction, where its matmul runs
+    at about half the rate of a lone dot through Eigen (benchmarks/README.md); ``ops.dense`` keeps
+    it out. Checked where opera-jax's XLA:CPU flag applies (the jaxlib it was measured on)."""
+    if jax.default_backend() != "cpu" or xla_cpu._jaxlib_release() not in xla_cpu.MEASURED_JAXLIB:
+        pytest.skip("the fusion is XLA:CPU's, as measured with jaxlib " + str(xla_cpu.MEASURED_JAXLIB))
+    assert _dots_fused_into_ynnpack(lambda x, k, b: x @ k + b) == 1  # what the op avoids
+    assert _dots_fused_into_ynnpack(ops.dense) == 0
 
 
 def test_gelu_dense_value_and_gradients_match_plain():
