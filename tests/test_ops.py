@@ -167,6 +167,22 @@ def test_dense_stays_a_lone_dot_before_a_layer_norm():
     assert _dots_fused_into_ynnpack(ops.dense) == 0
 
 
+def test_narrowing_dense_weight_gradient_is_made_transposed_on_cpu():
+    """For a layer that narrows (in > out, the feed-forward output), XLA:CPU runs g^T a, with the wider
+    operand on the right, faster than a^T g (benchmarks/README.md): the kernel gradient [64, 32] comes
+    from a [32, 64] dot and a transpose, and equals the plain one."""
+    rng = np.random.default_rng(6)
+    x = jnp.asarray(rng.normal(size=(8, 16, 64)).astype(np.float32))
+    kernel = jnp.asarray(rng.normal(size=(64, 32)).astype(np.float32))
+    bias = jnp.zeros((32,), jnp.float32)
+    grad = lambda dense: jax.grad(lambda k: jnp.sum(jnp.tanh(dense(x, k, bias))))
+    np.testing.assert_allclose(grad(ops.dense)(kernel), grad(lambda x, k, b: x @ k + b)(kernel), atol=1e-5, rtol=1e-5)
+    hlo = jax.jit(grad(ops.dense)).lower(kernel).compile().as_text()
+    dots = [line for line in hlo.splitlines() if " dot(" in line and "lhs_contracting_dims={0}" in line]
+    if jax.default_backend() == "cpu":
+        assert len(dots) == 1 and "= f32[32,64]" in dots[0], dots
+
+
 def test_gelu_dense_value_and_gradients_match_plain():
     rng = np.random.default_rng(4)
     x = jnp.asarray(rng.normal(scale=2.0, size=(3, 5, 12)).astype(np.float32))
