@@ -23,7 +23,8 @@ attention scale on the logits), to measure what the changes buy.
   7.3 GB scratch; keeping the probabilities alone still cost 1.15 GB there.
 - :func:`dense`: a dense layer whose weight gradient contracts ``x`` and ``g`` over the
   tokens directly; autodiff had XLA:CPU copy ``g`` transposed first and run a dot at about
-  half the FLOP rate.
+  half the FLOP rate. On XLA:CPU its forward dot stays out of YNNPACK's fusion with the
+  LayerNorm after it, and a narrowing layer's weight gradient is made transposed (both faster there).
 - :func:`gelu_dense`: GELU followed by a dense layer, saving the GELU's input
   only (autodiff also keeps its output, the dense layer's input).
 - :func:`layer_norm`: saves the normalised input and ``1/std`` instead of the
@@ -120,8 +121,8 @@ def _lone_dot(y):
     """``y``, the result of a dot, kept a lone dot on XLA:CPU: a no-op ``reduce_precision`` (f32 to f32)
     between it and its consumers. Otherwise the output projections' dots (attention output,
     feed-forward output), whose results feed the next LayerNorm, are fused into YNNPACK's
-    LayerNorm reduction, where their matmul ran at 70-75 GFLOP/s, against 120-135 as a lone dot
-    through Eigen (``xla_cpu.py``); the MiniLM train step took 4-7% less time without that fusion
+    LayerNorm reduction, where their matmul ran at 71-75 GFLOP/s in the MiniLM train step, against
+    ~150 as lone dots through Eigen (``xla_cpu.py``); steps 2-9% faster in sequential pairs
     (``benchmarks/README.md``). Other platforms: unchanged (a GPU fuses the bias add that follows
     into its matmul)."""
     return jax.lax.platform_dependent(
