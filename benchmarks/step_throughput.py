@@ -179,24 +179,18 @@ def _measure(run, args) -> dict:
         **_kernel_per_step(r0, args.steps),
     }
 
-def child_jax(args, batch) -> dict:
-    os.environ["JAX_PLATFORMS"] = "cpu"
+def jax_step(args, batch):
+    """Our side: the model, state and jitted step as the trainer builds them, in ``args.variant``.
+    Returns ``(step, state, batch on the device)``; ``step(state, batch)`` donates the state."""
     import jax
-
-    if args.compile_cache:
-        jax.config.update("jax_compilation_cache_dir", args.compile_cache)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-        jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
     from flax import nnx
 
-    from opera_jax.models import bert
+    from opera_jax.models import bert, ops
     from opera_jax.models.encoder import load_encoder
     from opera_jax.train.optim import make_optimizer
     from opera_jax.train.step import init_state, make_train_step
 
     opts = dict(VARIANTS[args.variant])
-    from opera_jax.models import ops
-
     ops.PLAIN = opts.pop("plain", False)
     opts.pop("env", None)
     precision = bert.Precision(dtype=jax.numpy.bfloat16) if opts.pop("bf16", False) else bert.Precision()
@@ -206,8 +200,18 @@ def child_jax(args, batch) -> dict:
     opt = make_optimizer(LR, 1000, warmup_ratio=0.0, weight_decay=WEIGHT_DECAY,
                          max_grad_norm=MAX_GRAD_NORM, schedule="constant")
     state = init_state(params, opt, seed=0)
-    step = make_train_step(graphdef, rest, opt, TEMPERATURE, **opts)
-    batch = jax.device_put(batch)
+    return make_train_step(graphdef, rest, opt, TEMPERATURE, **opts), state, jax.device_put(batch)
+
+
+def child_jax(args, batch) -> dict:
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    import jax
+
+    if args.compile_cache:
+        jax.config.update("jax_compilation_cache_dir", args.compile_cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    step, state, batch = jax_step(args, batch)
     rss_before = _status_kb("VmRSS")
 
     t = time.perf_counter()
@@ -234,7 +238,9 @@ def child_jax(args, batch) -> dict:
     }
 
 
-def child_torch(args, batch) -> dict:
+def torch_step(args, batch):
+    """PyTorch's side: transformers' BertModel (fused SDPA attention), the same loss and AdamW.
+    Returns ``step()``: one training step on ``batch``, giving the loss."""
     import torch
     from transformers import BertModel
 
@@ -261,10 +267,7 @@ def child_torch(args, batch) -> dict:
         m = mask.unsqueeze(-1).to(h.dtype)
         return torch.nn.functional.normalize((h * m).sum(1) / m.sum(1).clamp(min=1e-9), dim=-1)
 
-    rss_before = _status_kb("VmRSS")
-
-    def run():
-        t, c = time.perf_counter(), time.process_time()
+    def step():
         opt.zero_grad(set_to_none=True)
         q, p = encode(q_ids, q_mask), encode(p_ids, p_mask)
         logits = q @ p.T / TEMPERATURE
@@ -273,7 +276,21 @@ def child_torch(args, batch) -> dict:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
         opt.step()
-        return time.perf_counter() - t, time.process_time() - c, float(loss.detach())
+        return loss.detach()
+
+    return step
+
+
+def child_torch(args, batch) -> dict:
+    import torch
+
+    step = torch_step(args, batch)
+    rss_before = _status_kb("VmRSS")
+
+    def run():
+        t, c = time.perf_counter(), time.process_time()
+        loss = step()
+        return time.perf_counter() - t, time.process_time() - c, float(loss)
 
     measured = _measure(run, args)
     return {
