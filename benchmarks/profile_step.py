@@ -129,6 +129,7 @@ def child_jax(args) -> dict:
     ms, n = collections.Counter(), collections.Counter()
     dots = collections.defaultdict(lambda: [0.0, 0, 0])  # label -> ms, flops, count
     unnamed = 0.0
+    thunks = {}  # instruction name -> (category, (FLOPs, shape label) of its dot or None)
     for plane in profile.planes:
         for line in plane.lines:
             if not line.name.startswith("tf_XLA"):
@@ -137,12 +138,14 @@ def child_jax(args) -> dict:
                 if ev.name not in hlo.line:
                     unnamed += ev.duration_ns / 1e6 if "ThunkExecutor" not in ev.name else 0.0
                     continue
-                cat = hlo.category(ev.name)
+                if ev.name not in thunks:  # each instruction classified once, however often it runs
+                    dot = hlo.dot_of(ev.name)
+                    thunks[ev.name] = (hlo.category(ev.name), hlo.flops(dot) if dot is not None else None)
+                cat, dot_flops = thunks[ev.name]
                 ms[cat] += ev.duration_ns / 1e6
                 n[cat] += 1
-                dot = hlo.dot_of(ev.name)
-                if dot is not None:
-                    flops, label = hlo.flops(dot)
+                if dot_flops is not None:
+                    flops, label = dot_flops
                     d = dots[label]
                     d[0] += ev.duration_ns / 1e6
                     d[1] += flops
@@ -183,6 +186,8 @@ def child_torch(args) -> dict:
 def run_child(args) -> None:
     if args.child == "jax":
         from opera_jax.cli import prepare_process
+
+        os.environ["JAX_PLATFORMS"] = "cpu"  # the thunk events and their names are XLA:CPU's
 
         flags = os.environ.get("XLA_FLAGS", "")
         if TRACEME not in flags:
