@@ -13,8 +13,9 @@ untimed steps, then profiles one:
 
 Printed per side: milliseconds per category, largest first; for opera-jax also the dot shapes
 that took longest, with their GFLOP/s. The categories match where they can: PyTorch's fused
-attention is one op (``scaled_dot_product``), ours is attention dots plus elementwise passes over
-the ``[b, h, n, n]`` scores and the reductions among the rest. Findings: ``benchmarks/README.md``.
+attention is one op (``scaled_dot_product``), and so is ours on CPU (the C++ kernel's two custom
+calls, ``models/cpu_attention.py``; with ``OPERA_JAX_CPU_ATTENTION=0``: attention dots plus elementwise
+passes over the ``[b, h, n, n]`` scores and the reductions among the rest). Findings: ``benchmarks/README.md``.
 """
 
 from __future__ import annotations
@@ -69,6 +70,8 @@ class Hlo:
             m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (\S+?)(?:\{[^}]*\})? [\w\-]+\(", line)
             if m:
                 self.line[m.group(1)], self.shape[m.group(1)] = line, m.group(2)
+            elif m := re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = \(.*\) custom-call\(", line):  # tuple-shaped results
+                self.line[m.group(1)], self.shape[m.group(1)] = line, ""
         self.body = dict(re.findall(r"^%?([\w.\-]+) \(.*?\) -> .*? \{\n(.*?)\n\}", text, re.S | re.M))
 
     def dot_of(self, name: str) -> str | None:
@@ -96,6 +99,8 @@ class Hlo:
 
     def category(self, name: str) -> str:
         line, dims = self.line[name], _dims(self.shape[name])
+        if "opera_attention" in line:
+            return "attention (C++ kernel)"
         scores = len(dims) == 4 and dims[-1] == dims[-2]  # [b, h, n, n]
         dot = self.dot_of(name)
         if dot is not None and " dot(" in line:

@@ -8,7 +8,8 @@ compiled ``memory_analysis`` gives the per-device bytes of the arguments
 (parameters, optimizer state, batch), outputs and temporaries (activations,
 gradients, scratch); ``cost_analysis`` the per-device FLOPs of one step.
 
-Run on the CPU (``opera-jax plan`` simulates ``devices`` CPU devices), the
+Run on the CPU (``opera-jax plan`` simulates ``devices`` CPU devices), with XLA's
+attention rather than the CPU kernel (whose scratch and FLOPs XLA does not see), the
 figures are XLA:CPU's buffer assignment: an estimate of a GPU's or TPU's, not
 a measurement (their compilers fuse and schedule differently, XLA:CPU computes
 bf16 elementwise work in f32, and its buffer assignment does not realise
@@ -158,6 +159,7 @@ def plan(config: Config, devices: int, fsdp: int = 1) -> Plan:
     import jax.numpy as jnp
     from flax import nnx
 
+    from opera_jax.models import cpu_attention
     from opera_jax.models.bert import Precision
     from opera_jax.models.encoder import ARCHITECTURES, Retriever
     from opera_jax.models.remat import policy_name
@@ -210,7 +212,8 @@ def plan(config: Config, devices: int, fsdp: int = 1) -> Plan:
         "pair": i32(b), "query": i32(b), "weight": jax.ShapeDtypeStruct((b,), jnp.float32, sharding=rows),
     }
     step = make_train_step(graphdef, rest, optimizer, o.temperature, grad_cache_chunk=o.grad_cache_chunk)
-    compiled = step.lower(state, batch).compile()
+    with cpu_attention.disabled():  # XLA's attention: its temporaries and FLOPs are counted, as on a GPU / TPU
+        compiled = step.lower(state, batch).compile()
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     if isinstance(cost, (list, tuple)):

@@ -148,25 +148,23 @@ class BertAttention(nnx.Module):
 
     def __call__(self, h: jax.Array, bias: jax.Array) -> jax.Array:
         b, n, d = h.shape
-        # [b, n, d] -> [b, heads, n, head_dim]. Explicit transposes and batched
-        # matmuls: on XLA:CPU this runs 2.6x faster than the equivalent einsums
-        # ("bqhd,bkhd->bhqk"), whose layout changes are not fused with the dots.
-        heads = lambda x: x.reshape(b, n, self.num_heads, d // self.num_heads).transpose(0, 2, 1, 3)
-        # The 1/sqrt(head_dim) scale goes on q ([b, h, n, dh]), not on the logits
+        split = lambda x: x.reshape(b, n, self.num_heads, d // self.num_heads)  # [b, n, heads, head_dim]
+        # The 1/sqrt(head_dim) scale goes on q ([b, n, h, dh]), not on the logits
         # ([b, h, n, n]): XLA:CPU fuses a logits-side scale into the attention
         # matmul as a materialised full-size broadcast operand.
         scale = jnp.asarray(1.0 / (d // self.num_heads) ** 0.5, h.dtype)
         if ops.PLAIN:
+            heads = lambda x: split(x).transpose(0, 2, 1, 3)  # [b, heads, n, head_dim]
             q, k, v = heads(self.query(h)), heads(self.key(h)), heads(self.value(h))
             logits = ((q @ k.transpose(0, 1, 3, 2)) * scale).astype(jnp.float32)
             ctx = self.attn_dropout(jax.nn.softmax(logits + bias, axis=-1).astype(v.dtype)) @ v
+            ctx = ctx.transpose(0, 2, 1, 3)
         else:
-            q = heads(_apply_linear(self.query, h) * scale)
-            k, v = heads(_apply_linear(self.key, h)), heads(_apply_linear(self.value, h))
+            q = split(_apply_linear(self.query, h) * scale)
+            k, v = split(_apply_linear(self.key, h)), split(_apply_linear(self.value, h))
             keep = _keep_mask(self.attn_dropout, (b, self.num_heads, n, n), q)
-            ctx = ops.attention(q, k, v, bias, keep, self.attn_dropout.rate)  # f32 softmax
-        ctx = ctx.transpose(0, 2, 1, 3).reshape(b, n, d)
-        return _apply_norm(self.norm, h + self.dropout(_apply_linear(self.out, ctx)))
+            ctx = ops.multi_head_attention(q, k, v, bias, keep, self.attn_dropout.rate)  # f32 softmax
+        return _apply_norm(self.norm, h + self.dropout(_apply_linear(self.out, ctx.reshape(b, n, d))))
 
 
 def _keep_mask(dropout: nnx.Dropout, shape: tuple[int, ...], like: jax.Array) -> jax.Array | None:

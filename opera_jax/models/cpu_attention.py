@@ -1,0 +1,221 @@
+"""Softmax attention on XLA:CPU as one C++ kernel per pass (``csrc/attention.cc``, through the XLA FFI).
+
+XLA:CPU has no fused attention: it runs ``q k^T``, the softmax and ``p v`` (and,
+backward, five products and the softmax gradient) as separate passes over
+``[batch, heads, n, n]`` arrays in memory, plus transposes of q, k, v and the
+output between the projections' ``[batch, n, heads, head_dim]`` layout and the
+``[batch, heads, n, head_dim]`` one of its batched matmuls. The kernel works on
+one (batch, head) pair at a time, its ``[n, n]`` scores in a per-thread buffer
+(64 KB at n = 128, in cache), reads and writes the ``[batch, n, heads,
+head_dim]`` layout directly, and recomputes the probabilities in the backward
+pass from the saved row maxima and reciprocal row sums, as ``ops.attention`` does.
+Pairs are spread over XLA:CPU's intra-op threads. The results equal
+``ops.attention``'s to float rounding (``tests/test_cpu_attention.py``).
+
+The kernel is compiled from source the first time a process uses it (~5 s), with
+the C++ compiler of ``$CXX`` (default ``g++``, else ``c++``) and ``-O3 -march=native``,
+into ``$OPERA_CACHE_DIR/kernels`` (default ``~/.cache/opera_jax/kernels``), one library
+per source, compiler, flags, jaxlib and CPU; later processes load it from there.
+Without a working compiler, or with ``OPERA_JAX_CPU_ATTENTION=0``, nothing is
+compiled and the model uses ``ops.attention`` (a one-line warning says why).
+
+Used by the model when the computation runs on CPU (``jax.default_backend()``) in
+f32 with a key-padding bias; GPUs and TPUs, bf16, and other bias shapes take
+``ops.attention``. Under ``jax.set_mesh`` of the train step's mesh, each device
+runs the kernel on its own rows of the batch (``jax.shard_map`` over the batch
+axes): no device gathers another's sequences.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from opera_jax.data.tokens import CACHE_ENV
+from opera_jax.io_utils import atomic_path
+from opera_jax.sharding import BATCH_AXES
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("csrc") / "attention.cc"
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
+TARGETS = {"forward": "OperaAttentionForward", "backward": "OperaAttentionBackward"}
+_NAMES = {"forward": "opera_attention_forward", "backward": "opera_attention_backward"}
+
+
+ENV = "OPERA_JAX_CPU_ATTENTION"  # "0": never use the kernel
+
+
+_disabled = 0  # > 0 inside disabled()
+
+
+@contextlib.contextmanager
+def disabled():
+    """Models traced inside take ``ops.attention`` (the planner: XLA then counts attention's
+    temporaries and FLOPs, as a GPU's or TPU's compiler would see them)."""
+    global _disabled
+    _disabled += 1
+    try:
+        yield
+    finally:
+        _disabled -= 1
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "opera_jax") / "kernels"
+
+
+def _cpu_signature() -> str:
+    """The CPU's model and feature flags (``-march=native`` code is only valid on a CPU like this one)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        lines = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags", "Features"))]
+        return "\n".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CXX") or "g++") or shutil.which("c++")
+
+
+def build(compiler: str, out_dir: Path) -> Path:
+    """Compile the kernel into ``out_dir`` unless it is there already; the library's path.
+
+    Written to a temporary file and renamed, so processes compiling at the same time
+    never load a half-written library. A failed compilation raises ``RuntimeError``
+    with the compiler's message."""
+    import jaxlib
+
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+    key = hashlib.sha256("\0".join(
+        [SOURCE.read_text(), compiler, version, " ".join(FLAGS), jaxlib.__version__, _cpu_signature()]
+    ).encode()).hexdigest()[:20]
+    lib = out_dir / f"attention-{key}.so"
+    if lib.exists():
+        return lib
+    with atomic_path(lib) as tmp:
+        cmd = [compiler, *FLAGS, "-isystem", jax.ffi.include_dir(), str(SOURCE), "-o", str(tmp)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
+    return lib
+
+
+@functools.cache
+def available() -> bool:
+    """Whether the kernel is compiled (now, if needed), loaded and registered with XLA:CPU; once per process."""
+    compiler = _compiler()
+    if compiler is None:
+        log.warning("opera-jax: no C++ compiler ($CXX, g++, c++): CPU attention runs as XLA ops (slower)")
+        return False
+    try:
+        lib = ctypes.cdll.LoadLibrary(str(build(compiler, cache_dir())))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        log.warning("opera-jax: the CPU attention kernel did not build (%s); attention runs as XLA ops", e)
+        return False
+    for kind, symbol in TARGETS.items():
+        jax.ffi.register_ffi_target(_NAMES[kind], jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+    return True
+
+
+def applies(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> bool:
+    """Whether :func:`attention` takes these operands: on CPU, f32 ``[b, n, heads, head_dim]`` q, k, v
+    of one shape and a ``[b, 1, 1, n]`` f32 bias (other shapes and dtypes, and other platforms,
+    go to ``ops.attention``)."""
+    if jax.default_backend() != "cpu" or q.ndim != 4 or not q.shape == k.shape == v.shape:
+        return False
+    b, n = q.shape[:2]
+    if bias.shape != (b, 1, 1, n) or any(x.dtype != jnp.float32 for x in (q, k, v, bias)):
+        return False
+    return not _disabled and os.environ.get(ENV, "1") != "0" and available()
+
+
+def _per_device(fn, *args):
+    """``fn(*args)``, each device on its own rows of the batch when traced under ``jax.set_mesh`` of a
+    mesh of several devices (every argument and result has the batch as its leading axis)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if (mesh.empty or mesh.size == 1 or tuple(mesh.axis_names) != BATCH_AXES
+            or args[0].shape[0] % mesh.size or mesh.manual_axes):
+        return fn(*args)
+    spec = P(BATCH_AXES)
+    return jax.shard_map(fn, mesh=mesh, in_specs=(spec,) * len(args), out_specs=spec, check_vma=False)(*args)
+
+
+def _kept_scale(keep, rate: float) -> np.float32:
+    """The kernel's dropout attribute: ``1 / (1 - rate)``, or 0 for no dropout."""
+    return np.float32(0.0 if keep is None or rate == 0.0 else 1.0 / (1.0 - rate))
+
+
+def _kernel(kind, result_shapes, keep, rate, q, k, v, bias2, *rest):
+    """The ``kind`` kernel on ``q, k, v, bias2``, the keep-mask, then ``rest`` (each with the batch
+    leading), per device; ``result_shapes(local_batch)`` gives its results' shapes."""
+    kept_scale = _kept_scale(keep, rate)
+
+    def call(q, k, v, bias2, *xs):
+        mask, xs = (xs[0], xs[1:]) if keep is not None else (jnp.ones((1,), jnp.bool_), xs)  # unread without dropout
+        fn = jax.ffi.ffi_call(_NAMES[kind], result_shapes(q.shape[0]), vmap_method="sequential")
+        return fn(q, k, v, bias2, mask, *xs, kept_scale=kept_scale)
+
+    return _per_device(call, q, k, v, bias2, *(() if keep is None else (keep,)), *rest)
+
+
+def _forward(q, k, v, bias2, keep, rate):
+    """``(out, m, inv)``: the attention and each query row's logit maximum and reciprocal exp-sum."""
+    _, n, h, d = q.shape
+    rows = lambda b: jax.ShapeDtypeStruct((b, h, n), jnp.float32)
+    shapes = lambda b: (jax.ShapeDtypeStruct((b, n, h, d), jnp.float32), rows(b), rows(b))
+    return _kernel("forward", shapes, keep, rate, q, k, v, bias2)
+
+
+def _backward(q, k, v, bias2, keep, m, inv, g, rate):
+    """``(dq, dk, dv, dbias per head [b, heads, n])``."""
+    _, n, h, d = q.shape
+    shapes = lambda b: (jax.ShapeDtypeStruct((b, n, h, d), jnp.float32),) * 3 + (
+        jax.ShapeDtypeStruct((b, h, n), jnp.float32),)
+    return _kernel("backward", shapes, keep, rate, q, k, v, bias2, m, inv, g)
+
+
+def _attention_core(q, k, v, bias, keep, rate):
+    return _forward(q, k, v, bias.reshape(bias.shape[0], -1), keep, rate)[0]
+
+
+_attention = jax.custom_vjp(_attention_core, nondiff_argnums=(5,))
+
+
+def _attention_fwd(q, k, v, bias, keep, rate):
+    out, m, inv = _forward(q, k, v, bias.reshape(bias.shape[0], -1), keep, rate)
+    return out, (q, k, v, bias, keep, m, inv)
+
+
+def _attention_bwd(rate, res, g):
+    q, k, v, bias, keep, m, inv = res
+    dq, dk, dv, dbias = _backward(q, k, v, bias.reshape(bias.shape[0], -1), keep, m, inv, g, rate)
+    return dq, dk, dv, dbias.sum(1).reshape(bias.shape), None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array,
+              keep: jax.Array | None = None, rate: float = 0.0) -> jax.Array:
+    """``dropout(softmax(q k^T + bias)) v`` per head for ``[b, n, heads, head_dim]`` f32 ``q`` (already
+    scaled), ``k``, ``v`` and a ``[b, 1, 1, n]`` key bias; ``keep``: dropout's ``[b, heads, n, n]``
+    keep-mask (``None``: no dropout). Returns ``[b, n, heads, head_dim]``. Only where
+    :func:`applies` says so."""
+    if not available():
+        raise RuntimeError("the CPU attention kernel is not available (see the log's warning)")
+    return _attention(q, k, v, bias, keep, rate)

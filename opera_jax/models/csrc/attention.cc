@@ -1,0 +1,413 @@
+// Softmax attention for XLA:CPU through the XLA FFI: forward and backward, one (sequence, head) pair at a time.
+//
+// XLA:CPU has no fused attention: it runs `q k^T`, the softmax and `p v` as separate passes over
+// `[batch, heads, n, n]` arrays in memory, plus head transposes of q, k, v and the output. Here each
+// (sequence, head) pair's `[n, n]` scores stay in a per-thread buffer (64 KB at n = 128, in L2), q, k and
+// v are read straight from the `[batch, n, heads, head_dim]` layout of the projections (no
+// transposes), and the backward pass recomputes the probabilities from the saved row maxima and
+// reciprocal row sums, as `ops.attention` does. The Python side is `cpu_attention.py`; the
+// independent reference the tests compare with is `ops.attention`.
+//
+// Arrays (f32; `kept_scale` = 1 / (1 - rate) with dropout, 0 without):
+//   q, k, v, out, g, dq, dk, dv  [B, n, H, d]     (q already scaled by 1/sqrt(d))
+//   bias                         [B, n]           additive key bias (the padding mask)
+//   keep                         [B, H, n, n]     dropout's keep-mask (1 entry, unread, without dropout)
+//   m, inv                       [B, H, n]        each query row's logit maximum and 1 / sum(exp)
+//   dbias                        [B, H, n]        the bias gradient before its sum over the heads
+//
+// Matrix products run through one register-tiled kernel written with GCC vector extensions (16 floats),
+// compiled with -march=native when first used (`cpu_attention.py`). Heads whose size is a multiple of 16
+// (all presets') are read and written in place; others go through zero-padded copies. Score rows are
+// padded to a multiple of 16 keys, the padding masked with -inf. Everything is computed in f32, in the
+// same order whatever the thread count: results do not depend on it.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <thread>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int W = 16;  // floats per vector
+typedef float v16 __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+
+__attribute__((always_inline)) inline v16 load(const float* p) {
+  v16 r;
+  std::memcpy(&r, p, sizeof r);
+  return r;
+}
+__attribute__((always_inline)) inline void store(float* p, v16 v) { std::memcpy(p, &v, sizeof v); }
+// (Not `v16{} + s`: that costs a scalar add of 0 before each broadcast, since 0 + -0 is not -0.)
+__attribute__((always_inline)) inline v16 splat(float s) { return v16{s, s, s, s, s, s, s, s, s, s, s, s, s, s, s, s}; }
+__attribute__((always_inline)) inline float hsum(v16 v) {
+  float s = 0.f;
+  for (int i = 0; i < W; ++i) s += v[i];
+  return s;
+}
+__attribute__((always_inline)) inline float hmax(v16 v) {
+  float s = v[0];
+  for (int i = 1; i < W; ++i) s = std::max(s, v[i]);
+  return s;
+}
+__attribute__((always_inline)) inline long round16(long n) { return (n + W - 1) / W * W; }
+
+// exp(x) for x <= 0 (softmax arguments): Cephes' expf polynomial on x - n ln 2, times 2^n; 0 below -87.3
+// (and for -inf), NaN stays NaN. Relative error ~2 ulp.
+__attribute__((always_inline)) inline v16 exp_nonpositive(v16 x) {
+  const v16 lo = splat(-87.33654f);
+  v16 xc = x < lo ? lo : x;
+  v16 t = xc * 1.44269504088896341f + 12582912.0f;  // 1.5 * 2^23: rounds x / ln 2 to the nearest integer
+  v16 n = t - 12582912.0f;
+  v16 r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  v16 p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  v16i ni = (v16i)t - 0x4B400000;  // t's bits are those of 1.5 * 2^23 plus n
+  v16 scale = (v16)((ni + 127) << 23);
+  v16 y = p * scale;
+  return x < lo ? v16{} : y;
+}
+
+// C[MR, NV * 16] (+)= sum_k A(r, k) B[k, :], A(r, k) = a[r * ar + k * ak], B row-major with row stride ldb.
+template <int MR, int NV>
+__attribute__((always_inline)) inline void tile(long K, const float* a, long ar, long ak, const float* b, long ldb, float* c, long ldc,
+                 bool add) {
+  v16 acc[MR][NV];
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = add ? load(c + r * ldc + v * W) : v16{};
+  for (long k = 0; k < K; ++k) {
+    v16 bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = load(b + k * ldb + v * W);
+    for (int r = 0; r < MR; ++r) {
+      const v16 av = splat(a[r * ar + k * ak]);
+      for (int v = 0; v < NV; ++v) acc[r][v] += av * bv[v];
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) store(c + r * ldc + v * W, acc[r][v]);
+}
+
+template <int NV>
+__attribute__((always_inline)) inline void panel(long M, long K, const float* a, long ar, long ak, const float* b, long ldb, float* c,
+                  long ldc, bool add) {
+  constexpr int MR = NV >= 4 ? 4 : 8;
+  long i = 0;
+  for (; i + MR <= M; i += MR) tile<MR, NV>(K, a + i * ar, ar, ak, b, ldb, c + i * ldc, ldc, add);
+  for (; i < M; ++i) tile<1, NV>(K, a + i * ar, ar, ak, b, ldb, c + i * ldc, ldc, add);
+}
+
+// C[M, N] (+)= A B for A(r, k) = a[r * ar + k * ak] ([M, K]), B [K, N] row-major; N a multiple of 16.
+void gemm(long M, long N, long K, const float* a, long ar, long ak, const float* b, long ldb, float* c,
+          long ldc, bool add = false) {
+  long j = 0;
+  for (; j + 4 * W <= N; j += 4 * W) panel<4>(M, K, a, ar, ak, b + j, ldb, c + j, ldc, add);
+  for (; j + 2 * W <= N; j += 2 * W) panel<2>(M, K, a, ar, ak, b + j, ldb, c + j, ldc, add);
+  for (; j < N; j += W) panel<1>(M, K, a, ar, ak, b + j, ldb, c + j, ldc, add);
+}
+
+// A per-thread scratch buffer of 64-byte aligned floats, grown when needed, zero-filled on request.
+struct Scratch {
+  float* p = nullptr;
+  size_t cap = 0;
+  ~Scratch() { std::free(p); }
+  float* get(size_t n) {
+    if (n > cap) {
+      std::free(p);
+      cap = n;
+      p = static_cast<float*>(std::aligned_alloc(64, round16(static_cast<long>(n)) * sizeof(float)));
+    }
+    return p;
+  }
+};
+
+struct Dims {
+  long B, n, H, d;  // batch, sequence length, heads, head dim
+  long np, dp;      // n and d rounded up to multiples of 16
+  long row() const { return H * d; }  // stride between a head's consecutive rows in [B, n, H, d]
+};
+
+// dst[0:d] = src[0:d], vector by vector (d is small: a libc memcpy call per row cost more than the copy).
+__attribute__((always_inline)) inline void copy_row(float* dst, const float* src, long d) {
+  long c = 0;
+  for (; c + W <= d; c += W) store(dst + c, load(src + c));
+  for (; c < d; ++c) dst[c] = src[c];
+}
+
+// Head h of sequence b of a [B, n, H, d] array: its first row.
+inline const float* head(const Dims& s, const float* x, long b, long h) { return x + (b * s.n * s.H + h) * s.d; }
+inline float* head(const Dims& s, float* x, long b, long h) { return x + (b * s.n * s.H + h) * s.d; }
+
+// Head h of sequence b as an [n, dp] matrix with row stride `ld`: read in place when d is a multiple of
+// 16 (every head size of the presets), else copied into `buf` and zero-padded to dp columns.
+const float* head_in(const Dims& s, const float* x, long b, long h, float* buf, long& ld) {
+  const float* base = head(s, x, b, h);
+  if (s.d == s.dp) {
+    ld = s.row();
+    return base;
+  }
+  std::memset(buf, 0, sizeof(float) * s.n * s.dp);
+  for (long i = 0; i < s.n; ++i) copy_row(buf + i * s.dp, base + i * s.row(), s.d);
+  ld = s.dp;
+  return buf;
+}
+
+// Where an [n, dp] result for head h of sequence b goes: in place when d is a multiple of 16, else
+// `buf`, which head_out_done then copies into place.
+float* head_out(const Dims& s, float* x, long b, long h, float* buf, long& ld) {
+  ld = s.d == s.dp ? s.row() : s.dp;
+  return s.d == s.dp ? head(s, x, b, h) : buf;
+}
+
+void head_out_done(const Dims& s, const float* buf, long b, long h, float* x) {
+  if (s.d == s.dp) return;
+  float* base = head(s, x, b, h);
+  for (long i = 0; i < s.n; ++i) copy_row(base + i * s.row(), buf + i * s.dp, s.d);
+}
+
+// Head h of sequence b transposed, into a [dp, np] buffer, zero-padded.
+void head_transposed(const Dims& s, const float* x, long b, long h, float* out) {
+  const float* base = head(s, x, b, h);
+  std::memset(out, 0, sizeof(float) * s.np * s.dp);
+  for (long i = 0; i < s.n; ++i)
+    for (long c = 0; c < s.d; ++c) out[c * s.np + i] = base[i * s.row() + c];
+}
+
+// The padded bias row of sequence b: its n key biases, then -inf for the padding keys.
+void bias_row(const Dims& s, const float* bias, long b, float* out) {
+  std::memcpy(out, bias + b * s.n, sizeof(float) * s.n);
+  for (long j = s.n; j < s.np; ++j) out[j] = -INFINITY;
+}
+
+// A row after dropout: kept entries times `scale`, dropped ones 0 (`out` may be `p`).
+void drop_row(const Dims& s, const bool* keep_row, float scale, const float* p, float* out) {
+  for (long j = 0; j < s.n; ++j) out[j] = keep_row[j] ? p[j] * scale : 0.f;
+  for (long j = s.n; j < s.np; ++j) out[j] = 0.f;
+}
+
+// Runs f(0) .. f(items - 1) on the calling thread and the XLA:CPU intra-op pool. The caller claims items
+// too, so the work finishes even if no pool thread ever starts; it returns once every claimed item is done.
+void parallel_for(ffi::ThreadPool& pool, long items, const std::function<void(long)>& f) {
+  struct State {
+    std::atomic<long> next{0}, done{0};
+  };
+  auto state = std::make_shared<State>();
+  const long workers = std::min<long>(items, std::max<int64_t>(pool.num_threads(), 1)) - 1;
+  auto work = [state, items, &f] {
+    for (long i; (i = state->next.fetch_add(1)) < items;) {
+      f(i);
+      state->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  for (long w = 0; w < workers; ++w) {
+    pool.Schedule([state, items, work] {
+      if (state->next.load() < items) work();
+    });
+  }
+  work();
+  while (state->done.load(std::memory_order_acquire) < items) std::this_thread::yield();
+}
+
+ffi::Error check(const Dims& s, ffi::Buffer<ffi::F32>& bias, ffi::Buffer<ffi::PRED>& keep, float kept_scale) {
+  if (bias.dimensions().size() != 2 || bias.dimensions()[0] != s.B || bias.dimensions()[1] != s.n)
+    return ffi::Error::InvalidArgument("opera attention: bias must be [batch, n]");
+  if (kept_scale > 0.f && static_cast<long>(keep.element_count()) != s.B * s.H * s.n * s.n)
+    return ffi::Error::InvalidArgument("opera attention: keep must be [batch, heads, n, n]");
+  return ffi::Error::Success();
+}
+
+Dims dims_of(ffi::Buffer<ffi::F32>& q) {
+  auto d = q.dimensions();
+  Dims s{d[0], d[1], d[2], d[3], round16(d[1]), round16(d[3])};
+  return s;
+}
+
+bool same_shape(ffi::Buffer<ffi::F32>& a, ffi::Buffer<ffi::F32>& b) {
+  auto x = a.dimensions(), y = b.dimensions();
+  return x.size() == y.size() && std::equal(x.begin(), x.end(), y.begin());
+}
+
+// One call's arrays (see the top of the file).
+struct ForwardArgs {
+  const float *Q, *K, *V, *bias;
+  const bool* keep;
+  float kept_scale;  // 0: no dropout
+  float *O, *M, *I;
+};
+
+struct BackwardArgs {
+  const float *Q, *K, *V, *G, *bias, *M, *I;
+  const bool* keep;
+  float kept_scale;
+  float *DQ, *DK, *DV, *DB;
+};
+
+// The forward pass of head h of sequence b.
+void forward_head(const Dims& s, const ForwardArgs& a, long b, long h) {
+  thread_local Scratch sq, skt, sv, ss, so, sb;
+  const long item = b * s.H + h, sz = s.np * s.dp;
+  long ldq, ldv, ldo;
+  float *ktb = skt.get(sz), *sc = ss.get(s.np * s.np), *bb = sb.get(s.np);
+  const float* q = head_in(s, a.Q, b, h, sq.get(sz), ldq);
+  const float* v = head_in(s, a.V, b, h, sv.get(sz), ldv);
+  head_transposed(s, a.K, b, h, ktb);
+  bias_row(s, a.bias, b, bb);
+  gemm(s.n, s.np, s.dp, q, ldq, 1, ktb, s.np, sc, s.np);  // scores = q k^T
+  float *mrow = a.M + item * s.n, *irow = a.I + item * s.n;
+  for (long i = 0; i < s.n; ++i) {  // softmax, row by row
+    float* row = sc + i * s.np;
+    v16 mx = splat(-INFINITY);
+    for (long j = 0; j < s.np; j += W) {
+      v16 x = load(row + j) + load(bb + j);
+      store(row + j, x);
+      mx = x > mx ? x : mx;
+    }
+    const float mi = hmax(mx);
+    v16 sum{};
+    for (long j = 0; j < s.np; j += W) {
+      v16 e = exp_nonpositive(load(row + j) - mi);
+      store(row + j, e);
+      sum += e;
+    }
+    const float ii = 1.f / hsum(sum);
+    if (a.kept_scale > 0.f) {
+      drop_row(s, a.keep + (item * s.n + i) * s.n, a.kept_scale * ii, row, row);
+    } else {
+      for (long j = 0; j < s.np; j += W) store(row + j, load(row + j) * ii);
+    }
+    mrow[i] = mi;
+    irow[i] = ii;
+  }
+  float* o = head_out(s, a.O, b, h, so.get(sz), ldo);
+  gemm(s.n, s.dp, s.n, sc, s.np, 1, v, ldv, o, ldo);  // out = p v
+  head_out_done(s, o, b, h, a.O);
+}
+
+// The backward pass of head h of sequence b.
+void backward_head(const Dims& s, const BackwardArgs& a, long b, long h) {
+  thread_local Scratch sq, sk, skt, svt, sg, sp, spd, sds, so, sb, scol;
+  const long item = b * s.H + h, sz = s.np * s.dp, full = s.np * s.np;
+  const bool dropout = a.kept_scale > 0.f;
+  long ldq, ldk, ldg, ldo;
+  float *ktb = skt.get(sz), *vtb = svt.get(sz), *p = sp.get(full), *ds = sds.get(full), *bb = sb.get(s.np);
+  float *pd = dropout ? spd.get(full) : p, *col = scol.get(s.np);
+  const float* q = head_in(s, a.Q, b, h, sq.get(sz), ldq);
+  const float* k = head_in(s, a.K, b, h, sk.get(sz), ldk);
+  const float* g = head_in(s, a.G, b, h, sg.get(sz), ldg);
+  head_transposed(s, a.K, b, h, ktb);
+  head_transposed(s, a.V, b, h, vtb);
+  bias_row(s, a.bias, b, bb);
+  const float *mrow = a.M + item * s.n, *irow = a.I + item * s.n;
+  gemm(s.n, s.np, s.dp, q, ldq, 1, ktb, s.np, p, s.np);  // the scores again
+  for (long i = 0; i < s.n; ++i) {  // the probabilities from the saved row statistics
+    float* row = p + i * s.np;
+    const float mi = mrow[i], ii = irow[i];
+    for (long j = 0; j < s.np; j += W) store(row + j, exp_nonpositive(load(row + j) + load(bb + j) - mi) * ii);
+    if (dropout) drop_row(s, a.keep + (item * s.n + i) * s.n, a.kept_scale, row, pd + i * s.np);
+  }
+  float* dv = head_out(s, a.DV, b, h, so.get(sz), ldo);
+  gemm(s.n, s.dp, s.n, pd, 1, s.np, g, ldg, dv, ldo);  // dv = p_dropped^T g
+  head_out_done(s, dv, b, h, a.DV);
+  gemm(s.n, s.np, s.dp, g, ldg, 1, vtb, s.np, ds, s.np);  // dp = g v^T
+  std::memset(col, 0, sizeof(float) * s.np);
+  for (long i = 0; i < s.n; ++i) {  // ds = p * (dp - sum_j p dp), dropout's mask and scale on dp first
+    float* row = ds + i * s.np;
+    const float* prow = p + i * s.np;
+    if (dropout) drop_row(s, a.keep + (item * s.n + i) * s.n, a.kept_scale, row, row);
+    v16 acc{};
+    for (long j = 0; j < s.np; j += W) acc += load(row + j) * load(prow + j);
+    const float di = hsum(acc);
+    for (long j = 0; j < s.np; j += W) {
+      v16 x = load(prow + j) * (load(row + j) - di);
+      store(row + j, x);
+      store(col + j, load(col + j) + x);
+    }
+  }
+  std::memcpy(a.DB + item * s.n, col, sizeof(float) * s.n);
+  float* dq = head_out(s, a.DQ, b, h, so.get(sz), ldo);
+  gemm(s.n, s.dp, s.n, ds, s.np, 1, k, ldk, dq, ldo);  // dq = ds k
+  head_out_done(s, dq, b, h, a.DQ);
+  float* dk = head_out(s, a.DK, b, h, so.get(sz), ldo);
+  gemm(s.n, s.dp, s.n, ds, 1, s.np, q, ldq, dk, ldo);  // dk = ds^T q
+  head_out_done(s, dk, b, h, a.DK);
+}
+
+ffi::Error AttentionForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                            ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::PRED> keep,
+                            float kept_scale, ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> m,
+                            ffi::ResultBuffer<ffi::F32> inv) {
+  if (q.dimensions().size() != 4 || !same_shape(q, k) || !same_shape(q, v))
+    return ffi::Error::InvalidArgument("opera attention: q, k, v must be equal [batch, n, heads, head_dim]");
+  const Dims s = dims_of(q);
+  if (ffi::Error e = check(s, bias, keep, kept_scale); e.failure()) return e;
+  const ForwardArgs a{q.typed_data(), k.typed_data(), v.typed_data(), bias.typed_data(), keep.typed_data(),
+                      kept_scale, out->typed_data(), m->typed_data(), inv->typed_data()};
+  parallel_for(pool, s.B * s.H, [&](long i) { forward_head(s, a, i / s.H, i % s.H); });
+
+  return ffi::Error::Success();
+}
+
+ffi::Error AttentionBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                             ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::PRED> keep,
+                             ffi::Buffer<ffi::F32> m, ffi::Buffer<ffi::F32> inv, ffi::Buffer<ffi::F32> g,
+                             float kept_scale, ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
+                             ffi::ResultBuffer<ffi::F32> dv, ffi::ResultBuffer<ffi::F32> dbias) {
+  if (q.dimensions().size() != 4 || !same_shape(q, k) || !same_shape(q, v) || !same_shape(q, g))
+    return ffi::Error::InvalidArgument("opera attention: q, k, v, g must be equal [batch, n, heads, head_dim]");
+  const Dims s = dims_of(q);
+  if (ffi::Error e = check(s, bias, keep, kept_scale); e.failure()) return e;
+  if (static_cast<long>(m.element_count()) != s.B * s.H * s.n || m.element_count() != inv.element_count())
+    return ffi::Error::InvalidArgument("opera attention: m, inv must be [batch, heads, n]");
+  const BackwardArgs a{q.typed_data(), k.typed_data(), v.typed_data(), g.typed_data(), bias.typed_data(),
+                       m.typed_data(), inv.typed_data(), keep.typed_data(), kept_scale, dq->typed_data(),
+                       dk->typed_data(), dv->typed_data(), dbias->typed_data()};
+  parallel_for(pool, s.B * s.H, [&](long i) { backward_head(s, a, i / s.H, i % s.H); });
+
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(OperaAttentionForward, AttentionForward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // q
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // k
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // v
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // bias
+                                  .Arg<ffi::Buffer<ffi::PRED>>()  // keep
+                                  .Attr<float>("kept_scale")
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // out
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // m
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // inv
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(OperaAttentionBackward, AttentionBackward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // q
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // k
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // v
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // bias
+                                  .Arg<ffi::Buffer<ffi::PRED>>()  // keep
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // m
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // inv
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // g
+                                  .Attr<float>("kept_scale")
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dq
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dk
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dv
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // dbias
