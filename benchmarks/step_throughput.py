@@ -28,6 +28,10 @@ examples/s, median step time (wall clock, and process CPU time: on a shared
 core the CPU-time ratio is the steadier one), peak RSS, RSS after warm-up (steady state),
 RSS before the first step (weights + batch + runtime), and for JAX the compile time.
 
+``--rounds R`` runs the two children R times, alternately (JAX, PyTorch, JAX, ...): on a machine
+whose speed drifts over minutes, one pair of children can land in different phases. The ratios
+are then the medians over the rounds, and ``rounds`` lists each round's step times and ratios.
+
 ``--compile-cache DIR`` runs the JAX child twice with JAX's persistent
 compilation cache in DIR: the first child compiles and fills it, the second
 loads the executable, so its peak RSS is the step's without XLA compilation.
@@ -83,6 +87,8 @@ def parse_args(argv=None):
     p.add_argument("--torch-hugepages", action="store_true",
                    help="give the PyTorch child malloc on huge pages too (opera_jax/host_memory.py)")
     p.add_argument("--compile-cache", default=None, help="also run a JAX child that loads the compiled step")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the two children this many times, alternately; ratios: medians over the rounds")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--batch-file", default=None, help=argparse.SUPPRESS)
@@ -96,6 +102,7 @@ VARIANTS = {
     "plain": {"plain": True},  # the formulations before the changes in the table above
     "4k-pages": {"env": {"OPERA_JAX_HUGEPAGES": "0"}},  # malloc without huge pages (opera_jax/host_memory.py)
     "ynn-dots": {"env": {"OPERA_JAX_XLA_CPU_FLAGS": "0"}},  # jaxlib's default dots (opera_jax/xla_cpu.py)
+    "xla-attention": {"env": {"OPERA_JAX_CPU_ATTENTION": "0"}},  # attention as XLA ops (models/cpu_attention.py)
     "remat": {"remat": True},
     "bf16": {"bf16": True},
 }
@@ -337,6 +344,7 @@ def spawn(args, side: str, batch_file: str, tmp: str, compile_cache: str | None 
     env = dict(os.environ)
     env.pop("OPERA_JAX_HUGEPAGES", None)
     env.pop("OPERA_JAX_XLA_CPU_FLAGS", None)
+    env.pop("OPERA_JAX_CPU_ATTENTION", None)
     env.pop("GLIBC_TUNABLES", None)
     if side == "jax":
         env.update(VARIANTS[args.variant].get("env", {}))
@@ -346,6 +354,17 @@ def spawn(args, side: str, batch_file: str, tmp: str, compile_cache: str | None 
         env["GLIBC_TUNABLES"] = with_hugetlb(None)
     subprocess.run(cmd, check=True, env=env)
     return json.loads(Path(result_file).read_text())
+
+
+def _ratios(one: dict) -> dict:
+    """JAX over PyTorch: examples/s (wall clock and process CPU time) and peak / steady RSS."""
+    j, t = one["jax"], one["torch"]
+    return {
+        "throughput": round(j["examples_per_s"] / t["examples_per_s"], 3),
+        "throughput_cpu_time": round(j["examples_per_cpu_s"] / t["examples_per_cpu_s"], 3),
+        "memory": round(j["peak_rss_mb"] / t["peak_rss_mb"], 3),
+        "memory_steady": round(j["rss_steady_mb"] / t["rss_steady_mb"], 3),
+    }
 
 
 def main(argv=None) -> dict:
@@ -364,32 +383,37 @@ def main(argv=None) -> dict:
     batch = make_batch(args)
     sides = args.sides.split(",")
     results: dict = {}
+    rounds = []
     with tempfile.TemporaryDirectory() as tmp:
         batch_file = os.path.join(tmp, "batch.npz")
         np.savez(batch_file, **batch)
-        if "jax" in sides:
-            results["jax"] = spawn(args, "jax", batch_file, tmp, args.compile_cache)
-            if args.compile_cache:
-                results["jax_cached"] = spawn(args, "jax", batch_file, tmp, args.compile_cache)
-        if "torch" in sides:
-            results["torch"] = spawn(args, "torch", batch_file, tmp)
+        for r in range(max(args.rounds, 1)):
+            one: dict = {}
+            if "jax" in sides:
+                one["jax"] = spawn(args, "jax", batch_file, tmp, args.compile_cache)
+                if args.compile_cache and r == 0:
+                    one["jax_cached"] = spawn(args, "jax", batch_file, tmp, args.compile_cache)
+            if "torch" in sides:
+                one["torch"] = spawn(args, "torch", batch_file, tmp)
+            rounds.append(one)
+    results.update(rounds[0])  # the first round in full
     if "jax" in results and "torch" in results:
-        j, t = results["jax"], results["torch"]
-        results["ratio"] = {
-            "throughput": round(j["examples_per_s"] / t["examples_per_s"], 3),
-            "throughput_cpu_time": round(j["examples_per_cpu_s"] / t["examples_per_cpu_s"], 3),
-            "memory": round(j["peak_rss_mb"] / t["peak_rss_mb"], 3),
-            "memory_steady": round(j["rss_steady_mb"] / t["rss_steady_mb"], 3),
-        }
+        ratios = [_ratios(one) for one in rounds]
+        results["ratio"] = {k: round(statistics.median(r[k] for r in ratios), 3) for k in ratios[0]}
+        if len(rounds) > 1:  # each round's figures, in the order they ran
+            results["rounds"] = [{"jax_step_s": one["jax"]["median_step_s"], "torch_step_s": one["torch"]["median_step_s"],
+                                  "jax_peak_rss_mb": one["jax"]["peak_rss_mb"],
+                                  "torch_peak_rss_mb": one["torch"]["peak_rss_mb"], **r}
+                                 for one, r in zip(rounds, ratios)]
         if "jax_cached" in results:
-            c = results["jax_cached"]
+            c, t = results["jax_cached"], results["torch"]
             results["ratio"]["throughput_cached"] = round(c["examples_per_s"] / t["examples_per_s"], 3)
             results["ratio"]["memory_cached"] = round(c["peak_rss_mb"] / t["peak_rss_mb"], 3)
     nq, lq, g, lp = shape_of(args.shape)
     results["setup"] = {
         "model": args.model, "shape": args.shape, "queries": nq, "query_len": lq, "group": g,
         "passage_len": lp, "threads": args.threads, "dropout": args.dropout, "variant": args.variant,
-        "warmup": args.warmup, "steps": args.steps, "torch_hugepages": args.torch_hugepages,
+        "warmup": args.warmup, "steps": args.steps, "rounds": args.rounds, "torch_hugepages": args.torch_hugepages,
         "query_tokens": int(batch["query_attention_mask"].sum()),
         "passage_tokens": int(batch["passage_attention_mask"].sum()),
     }
