@@ -12,7 +12,12 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from opera_jax.models import cpu_attention, ops
 from opera_jax.sharding import BATCH_AXES, make_mesh
 
-pytestmark = pytest.mark.skipif(not cpu_attention.available(), reason="no C++ compiler for the CPU kernel")
+
+@pytest.fixture(autouse=True)
+def _kernel():
+    """Built on first use (into the tests' cache directory, see conftest), or these tests are skipped."""
+    if not cpu_attention.available():
+        pytest.skip("the CPU attention kernel did not build (no C++ compiler?)")
 
 
 def _operands(b, n, h, d, seed=0, rate=0.0, empty=False):

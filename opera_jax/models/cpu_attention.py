@@ -5,7 +5,7 @@ backward, five products and the softmax gradient) as separate passes over
 ``[batch, heads, n, n]`` arrays in memory, plus transposes of q, k, v and the
 output between the projections' ``[batch, n, heads, head_dim]`` layout and the
 ``[batch, heads, n, head_dim]`` one of its batched matmuls. The kernel works on
-one (batch, head) pair at a time, its ``[n, n]`` scores in a per-thread buffer
+one (sequence, head) pair at a time, its ``[n, n]`` scores in a per-thread buffer
 (64 KB at n = 128, in cache), reads and writes the ``[batch, n, heads,
 head_dim]`` layout directly, and recomputes the probabilities in the backward
 pass from the saved row maxima and reciprocal row sums, as ``ops.attention`` does.
@@ -23,7 +23,8 @@ Used by the model when the computation runs on CPU (``jax.default_backend()``) i
 f32 with a key-padding bias; GPUs and TPUs, bf16, and other bias shapes take
 ``ops.attention``. Under ``jax.set_mesh`` of the train step's mesh, each device
 runs the kernel on its own rows of the batch (``jax.shard_map`` over the batch
-axes): no device gathers another's sequences.
+axes): no device gathers another's sequences. (A jit over several devices without
+that mesh would run the custom call on gathered operands: correct, but not split.)
 """
 
 from __future__ import annotations
