@@ -1,4 +1,4 @@
-// Softmax attention for XLA:CPU through the XLA FFI: forward and backward, one (sequence, head) pair at a time.
+// Softmax attention for XLA:CPU through the XLA FFI, forward and backward, one (sequence, head) pair at a time.
 //
 // XLA:CPU has no fused attention: it runs `q k^T`, the softmax and `p v` as separate passes over
 // `[batch, heads, n, n]` arrays in memory, plus head transposes of q, k, v and the output. Here each
@@ -48,7 +48,9 @@ __attribute__((always_inline)) inline v16 load(const float* p) {
 }
 __attribute__((always_inline)) inline void store(float* p, v16 v) { std::memcpy(p, &v, sizeof v); }
 // (Not `v16{} + s`: that costs a scalar add of 0 before each broadcast, since 0 + -0 is not -0.)
-__attribute__((always_inline)) inline v16 splat(float s) { return v16{s, s, s, s, s, s, s, s, s, s, s, s, s, s, s, s}; }
+__attribute__((always_inline)) inline v16 splat(float s) {
+  return v16{s, s, s, s, s, s, s, s, s, s, s, s, s, s, s, s};
+}
 __attribute__((always_inline)) inline float hsum(v16 v) {
   float s = 0.f;
   for (int i = 0; i < W; ++i) s += v[i];
@@ -83,13 +85,11 @@ __attribute__((always_inline)) inline v16 exp_nonpositive(v16 x) {
   return x < lo ? v16{} : y;
 }
 
-// C[MR, NV * 16] (+)= sum_k A(r, k) B[k, :], A(r, k) = a[r * ar + k * ak], B row-major with row stride ldb.
+// C[MR, NV * 16] = sum_k A(r, k) B[k, :], A(r, k) = a[r * ar + k * ak], B row-major with row stride ldb.
 template <int MR, int NV>
-__attribute__((always_inline)) inline void tile(long K, const float* a, long ar, long ak, const float* b, long ldb, float* c, long ldc,
-                 bool add) {
-  v16 acc[MR][NV];
-  for (int r = 0; r < MR; ++r)
-    for (int v = 0; v < NV; ++v) acc[r][v] = add ? load(c + r * ldc + v * W) : v16{};
+__attribute__((always_inline)) inline void tile(long K, const float* a, long ar, long ak, const float* b, long ldb,
+                                                float* c, long ldc) {
+  v16 acc[MR][NV] = {};
   for (long k = 0; k < K; ++k) {
     v16 bv[NV];
     for (int v = 0; v < NV; ++v) bv[v] = load(b + k * ldb + v * W);
@@ -102,25 +102,24 @@ __attribute__((always_inline)) inline void tile(long K, const float* a, long ar,
     for (int v = 0; v < NV; ++v) store(c + r * ldc + v * W, acc[r][v]);
 }
 
+// C[M, NV * 16] = A B, MR rows at a time (MR * NV accumulators in registers).
 template <int NV>
-__attribute__((always_inline)) inline void panel(long M, long K, const float* a, long ar, long ak, const float* b, long ldb, float* c,
-                  long ldc, bool add) {
+void panel(long M, long K, const float* a, long ar, long ak, const float* b, long ldb, float* c, long ldc) {
   constexpr int MR = NV >= 4 ? 4 : 8;
   long i = 0;
-  for (; i + MR <= M; i += MR) tile<MR, NV>(K, a + i * ar, ar, ak, b, ldb, c + i * ldc, ldc, add);
-  for (; i < M; ++i) tile<1, NV>(K, a + i * ar, ar, ak, b, ldb, c + i * ldc, ldc, add);
+  for (; i + MR <= M; i += MR) tile<MR, NV>(K, a + i * ar, ar, ak, b, ldb, c + i * ldc, ldc);
+  for (; i < M; ++i) tile<1, NV>(K, a + i * ar, ar, ak, b, ldb, c + i * ldc, ldc);
 }
 
-// C[M, N] (+)= A B for A(r, k) = a[r * ar + k * ak] ([M, K]), B [K, N] row-major; N a multiple of 16.
-void gemm(long M, long N, long K, const float* a, long ar, long ak, const float* b, long ldb, float* c,
-          long ldc, bool add = false) {
+// C[M, N] = A B for A(r, k) = a[r * ar + k * ak] ([M, K]), B [K, N] row-major; N a multiple of 16.
+void gemm(long M, long N, long K, const float* a, long ar, long ak, const float* b, long ldb, float* c, long ldc) {
   long j = 0;
-  for (; j + 4 * W <= N; j += 4 * W) panel<4>(M, K, a, ar, ak, b + j, ldb, c + j, ldc, add);
-  for (; j + 2 * W <= N; j += 2 * W) panel<2>(M, K, a, ar, ak, b + j, ldb, c + j, ldc, add);
-  for (; j < N; j += W) panel<1>(M, K, a, ar, ak, b + j, ldb, c + j, ldc, add);
+  for (; j + 4 * W <= N; j += 4 * W) panel<4>(M, K, a, ar, ak, b + j, ldb, c + j, ldc);
+  for (; j + 2 * W <= N; j += 2 * W) panel<2>(M, K, a, ar, ak, b + j, ldb, c + j, ldc);
+  for (; j < N; j += W) panel<1>(M, K, a, ar, ak, b + j, ldb, c + j, ldc);
 }
 
-// A per-thread scratch buffer of 64-byte aligned floats, grown when needed, zero-filled on request.
+// A per-thread scratch buffer of 64-byte aligned floats, grown when needed (contents undefined).
 struct Scratch {
   float* p = nullptr;
   size_t cap = 0;
