@@ -379,34 +379,22 @@ ffi::Error AttentionBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi:
   return ffi::Error::Success();
 }
 
+// The operands both passes start with: q, k, v, bias, keep (the thread pool as context).
+auto bind_inputs() {
+  using F32 = ffi::Buffer<ffi::F32>;
+  return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<F32>().Arg<F32>().Arg<F32>().Arg<F32>()
+      .Arg<ffi::Buffer<ffi::PRED>>();
+}
+
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(OperaAttentionForward, AttentionForward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // q
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // k
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // v
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // bias
-                                  .Arg<ffi::Buffer<ffi::PRED>>()  // keep
-                                  .Attr<float>("kept_scale")
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // out
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // m
-                                  .Ret<ffi::Buffer<ffi::F32>>());  // inv
+using F32 = ffi::Buffer<ffi::F32>;
 
+// Results: out, m, inv.
+XLA_FFI_DEFINE_HANDLER_SYMBOL(OperaAttentionForward, AttentionForward,
+                              bind_inputs().Attr<float>("kept_scale").Ret<F32>().Ret<F32>().Ret<F32>());
+
+// Further operands: m, inv, g; results: dq, dk, dv, dbias.
 XLA_FFI_DEFINE_HANDLER_SYMBOL(OperaAttentionBackward, AttentionBackward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // q
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // k
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // v
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // bias
-                                  .Arg<ffi::Buffer<ffi::PRED>>()  // keep
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // m
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // inv
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // g
-                                  .Attr<float>("kept_scale")
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // dq
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // dk
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // dv
-                                  .Ret<ffi::Buffer<ffi::F32>>());  // dbias
+                              bind_inputs().Arg<F32>().Arg<F32>().Arg<F32>().Attr<float>("kept_scale")
+                                  .Ret<F32>().Ret<F32>().Ret<F32>().Ret<F32>());
