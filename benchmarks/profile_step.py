@@ -24,6 +24,7 @@ import argparse
 import collections
 import glob
 import json
+import math
 import os
 import re
 import subprocess
@@ -89,13 +90,7 @@ class Hlo:
         out, lhs, rhs = _dims(m.group(1)), _dims(self.shape[m.group(2)]), _dims(self.shape[m.group(3)])
         lc, rc = ([int(i) for i in re.search(side + r"_contracting_dims=\{([\d,]*)\}", dot).group(1).split(",")]
                   for side in ("lhs", "rhs"))
-        k = 1
-        for i in lc:
-            k *= lhs[i]
-        n = 1
-        for d in out:
-            n *= d
-        return 2 * n * k, f"{lhs} x {rhs} -> {out}, contracting {lc} x {rc}"
+        return 2 * math.prod(out) * math.prod(lhs[i] for i in lc), f"{lhs} x {rhs} -> {out}, contracting {lc} x {rc}"
 
     def category(self, name: str) -> str:
         line, dims = self.line[name], _dims(self.shape[name])

@@ -342,9 +342,9 @@ def spawn(args, side: str, batch_file: str, tmp: str, compile_cache: str | None 
     if compile_cache:
         cmd += ["--compile-cache", compile_cache]
     env = dict(os.environ)
-    env.pop("OPERA_JAX_HUGEPAGES", None)
-    env.pop("OPERA_JAX_XLA_CPU_FLAGS", None)
-    env.pop("OPERA_JAX_CPU_ATTENTION", None)
+    for variant in VARIANTS.values():  # every switch a variant sets starts unset
+        for key in variant.get("env", {}):
+            env.pop(key, None)
     env.pop("GLIBC_TUNABLES", None)
     if side == "jax":
         env.update(VARIANTS[args.variant].get("env", {}))

@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from opera_jax.data.tokens import CACHE_ENV
+from opera_jax.data import tokens
 from opera_jax.io_utils import atomic_path
 from opera_jax.sharding import BATCH_AXES
 
@@ -53,8 +53,9 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "attention.cc"
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
-TARGETS = {"forward": "OperaAttentionForward", "backward": "OperaAttentionBackward"}
-_NAMES = {"forward": "opera_attention_forward", "backward": "opera_attention_backward"}
+# pass -> (XLA custom-call target, the library's handler symbol)
+TARGETS = {"forward": ("opera_attention_forward", "OperaAttentionForward"),
+           "backward": ("opera_attention_backward", "OperaAttentionBackward")}
 
 
 ENV = "OPERA_JAX_CPU_ATTENTION"  # "0": never use the kernel
@@ -76,7 +77,8 @@ def disabled():
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "opera_jax") / "kernels"
+    """``kernels/`` beside the token cache, under ``$OPERA_CACHE_DIR`` (default ``~/.cache/opera_jax``)."""
+    return tokens.cache_dir().parent / "kernels"
 
 
 def _cpu_signature() -> str:
@@ -128,8 +130,8 @@ def available() -> bool:
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         log.warning("opera-jax: the CPU attention kernel did not build (%s); attention runs as XLA ops", e)
         return False
-    for kind, symbol in TARGETS.items():
-        jax.ffi.register_ffi_target(_NAMES[kind], jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+    for target, symbol in TARGETS.values():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
     return True
 
 
@@ -168,7 +170,7 @@ def _kernel(kind, result_shapes, keep, rate, q, k, v, bias2, *rest):
 
     def call(q, k, v, bias2, *xs):
         mask, xs = (xs[0], xs[1:]) if keep is not None else (jnp.ones((1,), jnp.bool_), xs)  # unread without dropout
-        fn = jax.ffi.ffi_call(_NAMES[kind], result_shapes(q.shape[0]), vmap_method="sequential")
+        fn = jax.ffi.ffi_call(TARGETS[kind][0], result_shapes(q.shape[0]), vmap_method="sequential")
         return fn(q, k, v, bias2, mask, *xs, kept_scale=kept_scale)
 
     return _per_device(call, q, k, v, bias2, *(() if keep is None else (keep,)), *rest)
