@@ -44,10 +44,16 @@ def constrain_batch(x: jax.Array) -> jax.Array:
     activation memory of MiniLM at batch 32 on 8 devices). Pinned to the batch,
     each weight is gathered where it is used.
     """
+    return x if batch_mesh(x) is None else jax.lax.with_sharding_constraint(x, P(BATCH_AXES))
+
+
+def batch_mesh(x: jax.Array):
+    """The ``(data, fsdp)`` mesh set by ``jax.set_mesh`` (the train step's) when ``x``'s leading axis
+    splits evenly over it; ``None`` otherwise."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or tuple(mesh.axis_names) != BATCH_AXES or x.shape[0] % mesh.size:
-        return x
-    return jax.lax.with_sharding_constraint(x, P(BATCH_AXES))
+        return None
+    return mesh
 
 
 def round_up(n: int, multiple: int) -> int:

@@ -47,7 +47,7 @@ from jax.sharding import PartitionSpec as P
 
 from opera_jax.data import tokens
 from opera_jax.io_utils import atomic_path
-from opera_jax.sharding import BATCH_AXES
+from opera_jax.sharding import BATCH_AXES, batch_mesh
 
 log = logging.getLogger(__name__)
 
@@ -150,9 +150,8 @@ def applies(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> bool:
 def _per_device(fn, *args):
     """``fn(*args)``, each device on its own rows of the batch when traced under ``jax.set_mesh`` of a
     mesh of several devices (every argument and result has the batch as its leading axis)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if (mesh.empty or mesh.size == 1 or tuple(mesh.axis_names) != BATCH_AXES
-            or args[0].shape[0] % mesh.size or mesh.manual_axes):
+    mesh = batch_mesh(args[0])
+    if mesh is None or mesh.size == 1 or mesh.manual_axes:  # (manual: already per device, in shard_map)
         return fn(*args)
     spec = P(BATCH_AXES)
     return jax.shard_map(fn, mesh=mesh, in_specs=(spec,) * len(args), out_specs=spec, check_vma=False)(*args)
