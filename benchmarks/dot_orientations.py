@@ -22,7 +22,6 @@ Used in ``benchmarks/README.md`` to tell which of the step's dots fall behind Py
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
