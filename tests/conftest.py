@@ -1,9 +1,23 @@
 """Shared fixtures. Every test process sees 8 simulated CPU devices."""
 
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# One persistent XLA compilation cache for the whole session: pytest's own process, its xdist
+# workers and the command-line runs tests start all inherit it, so a program that several tests or
+# processes compile alike (a run stopped and its resumed half, the same tiny model's steps) is
+# compiled once. JAX keys it on the program, the compile options, XLA's flags and the devices; a
+# compiled program loaded from it has the same HLO text and analyses the tests read. Made here,
+# before the workers start; removed when the session ends (``pytest_unconfigure``). Your own
+# ``JAX_COMPILATION_CACHE_DIR`` is used and kept instead.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="opera-jax-tests-xla-cache-")
+    os.environ["OPERA_JAX_TESTS_CACHE_OWNER"] = str(os.getpid())
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")  # not the many tiny programs
 
 from opera_jax.xla_cpu import use_xla_cpu_flags  # noqa: E402
 
@@ -20,6 +34,12 @@ jax.config.update("jax_default_matmul_precision", "highest")
 from opera_jax.sharding import make_mesh  # noqa: E402
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
+
+
+def pytest_unconfigure(config):
+    """The session's compilation cache goes when the process that made it ends."""
+    if os.environ.get("OPERA_JAX_TESTS_CACHE_OWNER") == str(os.getpid()):
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
