@@ -1,9 +1,10 @@
 """The train step's dense-layer dots one at a time: XLA:CPU against PyTorch, by orientation.
 
-    taskset -c 0 python benchmarks/dot_orientations.py [--tokens 4096] [--repeats 9] [--out F.json]
+    taskset -c 0 python benchmarks/dot_orientations.py [--tokens 4096] [--repeats 9] [--threads 1] [--out F.json]
 
-For MiniLM's layer widths (384, 1536) and ``tokens`` rows (4,096 = shape A's passages), f32, one
-thread, each product timed as XLA:CPU runs it under opera-jax's flags (``xla_cpu.py``) and as
+For MiniLM's layer widths (384, 1536) and ``tokens`` rows (4,096 = shape A's passages), f32,
+``threads`` threads (PyTorch's ``set_num_threads``; XLA:CPU sizes its pool from the cores the
+process may run on, so pin those with ``taskset``), each product timed as XLA:CPU runs it under opera-jax's flags (``xla_cpu.py``) and as
 PyTorch (oneDNN) runs the same product, calls interleaved in one process so both see the same
 stretch of a noisy machine (medians of ``repeats``). The rows:
 
@@ -35,6 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--repeats", type=int, default=9)
+    p.add_argument("--threads", type=int, default=1, help="PyTorch's threads (pin the process to as many cores)")
     p.add_argument("--out", default=None, help="write the rows as JSON here")
     return p.parse_args(argv)
 
@@ -48,7 +50,7 @@ def main(argv=None) -> list[dict]:
     import numpy as np
     import torch
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
     rows = []
     for din, dout in WIDTHS:
@@ -91,7 +93,7 @@ def main(argv=None) -> list[dict]:
     if args.out:
         from opera_jax.io_utils import write_json
 
-        write_json(args.out, {"rows": rows, "jax": jax.__version__, "torch": torch.__version__})
+        write_json(args.out, {"rows": rows, "threads": args.threads, "cpus": sorted(os.sched_getaffinity(0)), "jax": jax.__version__, "torch": torch.__version__})
     return rows
 
 
