@@ -21,28 +21,26 @@ def _kernel():
 
 
 def _operands(b, n, h, d, seed=0, rate=0.0, empty=False):
-    """qkv [b, n, 3, h, d] (q scaled), the cotangent g [b, n, h, d]; a [b, 1, 1, n] padding bias of random
-    lengths; a keep-mask."""
+    """[b, n, h, d] q (scaled), k, v, cotangent g; a [b, 1, 1, n] padding bias of random lengths; a keep-mask."""
     rng = np.random.default_rng(seed)
-    q, k, v, g = (rng.normal(size=(b, n, h, d)).astype(np.float32) for _ in range(4))
-    qkv = jnp.asarray(np.stack([q / np.sqrt(d), k, v], axis=2))
+    q, k, v, g = (jnp.asarray(rng.normal(size=(b, n, h, d)).astype(np.float32)) for _ in range(4))
+    q = q / np.sqrt(d)
     lengths = rng.integers(1, n + 1, size=b)
     if empty:
         lengths[0] = 0  # every key of the first sequence masked
     mask = np.arange(n)[None, :] < lengths[:, None]
     bias = jnp.where(jnp.asarray(mask)[:, None, None, :], 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
     keep = jnp.asarray(rng.random((b, h, n, n)) >= rate) if rate else None
-    return qkv, bias, keep, jnp.asarray(g)
+    return q, k, v, bias, keep, g
 
 
-def _xla(qkv, bias, keep, rate):
-    """The reference: q, k, v sliced out, heads transposed, ops.attention."""
-    q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
-    return ops.attention(q, k, v, bias, keep, rate).transpose(0, 2, 1, 3)
+def _xla(q, k, v, bias, keep, rate):
+    t = lambda x: x.transpose(0, 2, 1, 3)
+    return t(ops.attention(t(q), t(k), t(v), bias, keep, rate))
 
 
-def _value_and_grads(fn, qkv, bias, keep, rate, g):
-    out, vjp = jax.vjp(jax.jit(lambda qkv, bias: fn(qkv, bias, keep, rate)), qkv, bias)
+def _value_and_grads(fn, q, k, v, bias, keep, rate, g):
+    out, vjp = jax.vjp(jax.jit(lambda q, k, v, bias: fn(q, k, v, bias, keep, rate)), q, k, v, bias)
     return (out, *vjp(g))
 
 
@@ -53,39 +51,37 @@ def _value_and_grads(fn, qkv, bias, keep, rate, g):
     (1, 5, 2, 8, 0.5, True),  # fewer keys than one vector
 ])
 def test_kernel_matches_xla_attention(b, n, h, d, rate, empty):
-    qkv, bias, keep, g = _operands(b, n, h, d, seed=n, rate=rate, empty=empty)
-    want = _value_and_grads(_xla, qkv, bias, keep, rate, g)
-    got = _value_and_grads(cpu_attention.attention, qkv, bias, keep, rate, g)
-    assert got[1].shape == qkv.shape  # the gradients of q, k and v in qkv's layout
-    for name, a, w in zip(("out", "dqkv", "dbias"), got, want):
+    ops_ = _operands(b, n, h, d, seed=n, rate=rate, empty=empty)
+    want = _value_and_grads(_xla, *ops_[:5], rate, ops_[5])
+    got = _value_and_grads(cpu_attention.attention, *ops_[:5], rate, ops_[5])
+    for name, a, w in zip(("out", "dq", "dk", "dv", "dbias"), got, want):
         assert a.shape == w.shape, name
         scale = float(jnp.max(jnp.abs(w))) or 1.0
         np.testing.assert_allclose(a, w, atol=1e-5 * scale, rtol=1e-5, err_msg=name)
 
 
 def test_kernel_is_deterministic_and_model_dispatches_to_it():
-    qkv, bias, keep, g = _operands(2, 48, 3, 32, seed=1)
-    first = _value_and_grads(cpu_attention.attention, qkv, bias, keep, 0.0, g)
-    again = _value_and_grads(cpu_attention.attention, qkv, bias, keep, 0.0, g)
+    q, k, v, bias, keep, g = _operands(2, 48, 3, 32, seed=1)
+    first = _value_and_grads(cpu_attention.attention, q, k, v, bias, keep, 0.0, g)
+    again = _value_and_grads(cpu_attention.attention, q, k, v, bias, keep, 0.0, g)
     for a, b in zip(first, again):
         np.testing.assert_array_equal(a, b)
-    assert cpu_attention.applies(qkv, bias)
-    hlo = jax.jit(ops.multi_head_attention).lower(qkv, bias).as_text()
+    assert cpu_attention.applies(q, k, v, bias)
+    hlo = jax.jit(ops.multi_head_attention).lower(q, k, v, bias).as_text()
     assert "opera_attention_forward" in hlo
-    # bf16 operands, other bias shapes and other layouts take the XLA formulation.
-    assert not cpu_attention.applies(qkv.astype(jnp.bfloat16), bias)
-    assert not cpu_attention.applies(qkv, jnp.zeros((2, 1, 48, 48), jnp.float32))
-    assert not cpu_attention.applies(qkv[:, :, :2], bias)
+    # bf16 operands and other bias shapes take the XLA formulation.
+    assert not cpu_attention.applies(q.astype(jnp.bfloat16), k, v, bias)
+    assert not cpu_attention.applies(q, k, v, jnp.zeros((2, 1, 48, 48), jnp.float32))
 
 
 def test_switched_off_by_the_environment_and_for_the_planner(monkeypatch):
-    qkv, bias, _, _ = _operands(1, 16, 2, 16)
+    q, k, v, bias, _, _ = _operands(1, 16, 2, 16)
     with cpu_attention.disabled():
-        assert not cpu_attention.applies(qkv, bias)
-    assert cpu_attention.applies(qkv, bias)
+        assert not cpu_attention.applies(q, k, v, bias)
+    assert cpu_attention.applies(q, k, v, bias)
     monkeypatch.setenv(cpu_attention.ENV, "0")
-    assert not cpu_attention.applies(qkv, bias)
-    assert "opera_attention" not in jax.jit(ops.multi_head_attention).lower(qkv, bias).as_text()
+    assert not cpu_attention.applies(q, k, v, bias)
+    assert "opera_attention" not in jax.jit(ops.multi_head_attention).lower(q, k, v, bias).as_text()
 
 
 def test_sharded_kernel_runs_per_device_and_equals_one_device():
@@ -93,13 +89,13 @@ def test_sharded_kernel_runs_per_device_and_equals_one_device():
     batch); values and gradients equal the unsharded call."""
     mesh = make_mesh()
     ndev = mesh.size
-    qkv, bias, keep, g = _operands(ndev * 2, 24, 2, 16, seed=2, rate=0.2)
-    want = _value_and_grads(cpu_attention.attention, qkv, bias, keep, 0.2, g)
+    q, k, v, bias, keep, g = _operands(ndev * 2, 24, 2, 16, seed=2, rate=0.2)
+    want = _value_and_grads(cpu_attention.attention, q, k, v, bias, keep, 0.2, g)
     rows = NamedSharding(mesh, P(BATCH_AXES))
-    args = jax.device_put((qkv, bias, keep, g), rows)
+    args = jax.device_put((q, k, v, bias, keep, g), rows)
 
-    def fn(qkv, bias, keep, g):
-        out, vjp = jax.vjp(lambda qkv, bias: cpu_attention.attention(qkv, bias, keep, 0.2), qkv, bias)
+    def fn(q, k, v, bias, keep, g):
+        out, vjp = jax.vjp(lambda q, k, v, bias: cpu_attention.attention(q, k, v, bias, keep, 0.2), q, k, v, bias)
         return (out, *vjp(g))
 
     with jax.set_mesh(mesh):
@@ -110,9 +106,9 @@ def test_sharded_kernel_runs_per_device_and_equals_one_device():
     text = compiled.as_text()
     assert "all-gather" not in text
     # Both kernels' calls in the compiled step return each device's rows: 2 sequences, not 2 * ndev.
-    for target, first in (("forward", "f32[2,24,2,16]"), ("backward", "f32[2,24,3,2,16]")):
+    for target in ("forward", "backward"):
         call = re.search(rf"= \((f32\[[0-9,]+\]).*custom-call\(.*opera_attention_{target}", text)
-        assert call and call.group(1) == first, target
+        assert call and call.group(1) == "f32[2,24,2,16]", target
 
 
 def test_build_caches_the_library_and_reports_compiler_errors(tmp_path):

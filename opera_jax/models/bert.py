@@ -106,6 +106,13 @@ def _apply_linear(linear: nnx.Linear, x: jax.Array) -> jax.Array:
     return ops.dense(x.astype(linear.dtype), *_weights(linear))
 
 
+def _apply_linears(linears: tuple[nnx.Linear, ...], x: jax.Array) -> jax.Array:
+    """``concatenate([l(x) for l in linears], -1)`` as one :func:`ops.dense` over the kernels side
+    by side. The parameters stay separate (Hugging Face's names); only the product is joined."""
+    kernels, biases = zip(*(_weights(linear) for linear in linears))
+    return ops.dense(x.astype(linears[0].dtype), jnp.concatenate(kernels, 1), jnp.concatenate(biases))
+
+
 def _norm(dim: int, eps: float, p: Precision, rngs: nnx.Rngs) -> nnx.LayerNorm:
     return nnx.LayerNorm(dim, epsilon=eps, dtype=p.dtype, param_dtype=p.param_dtype, rngs=rngs)
 
@@ -160,15 +167,12 @@ class BertAttention(nnx.Module):
             ctx = self.attn_dropout(jax.nn.softmax(logits + bias, axis=-1).astype(v.dtype)) @ v
             ctx = ctx.transpose(0, 2, 1, 3)
         else:
-            # q, k and v from one [d, 3d] product over the three kernels side by side (the scale on
-            # q's): XLA:CPU runs a [tokens, d] @ [d, d] dot on one thread where this one uses every
-            # core (benchmarks/README.md), and the attention reads its [b, n, 3, heads, head_dim]
-            # result as it is. The parameters stay three (Hugging Face's names).
-            (wq, bq), (wk, bk), (wv, bv) = (_weights(x) for x in (self.query, self.key, self.value))
-            kernel, bias3 = jnp.concatenate([wq * scale, wk, wv], 1), jnp.concatenate([bq * scale, bk, bv])
-            qkv = ops.dense(h.astype(wq.dtype), kernel, bias3).reshape(b, n, 3, self.num_heads, d // self.num_heads)
-            keep = _keep_mask(self.attn_dropout, (b, self.num_heads, n, n), qkv)
-            ctx = ops.multi_head_attention(qkv, bias, keep, self.attn_dropout.rate)  # f32 softmax
+            # q, k and v from one [d, 3d] product: XLA:CPU runs a [tokens, d] @ [d, d] dot on one
+            # thread where the three side by side use every core (benchmarks/README.md).
+            q, k, v = jnp.split(_apply_linears((self.query, self.key, self.value), h), 3, axis=-1)
+            q, k, v = split(q * scale), split(k), split(v)
+            keep = _keep_mask(self.attn_dropout, (b, self.num_heads, n, n), q)
+            ctx = ops.multi_head_attention(q, k, v, bias, keep, self.attn_dropout.rate)  # f32 softmax
         return _apply_norm(self.norm, h + self.dropout(_apply_linear(self.out, ctx.reshape(b, n, d))))
 
 

@@ -6,9 +6,8 @@ backward, five products and the softmax gradient) as separate passes over
 output between the projections' ``[batch, n, heads, head_dim]`` layout and the
 ``[batch, heads, n, head_dim]`` one of its batched matmuls. The kernel works on
 one (sequence, head) pair at a time, its ``[n, n]`` scores in a per-thread buffer
-(64 KB at n = 128, in cache), reads q, k and v straight from the ``[batch, n, 3,
-heads, head_dim]`` output of the one q/k/v projection and writes their gradients
-in that layout (no slices, no transposes), and recomputes the probabilities in the backward
+(64 KB at n = 128, in cache), reads and writes the ``[batch, n, heads,
+head_dim]`` layout directly, and recomputes the probabilities in the backward
 pass from the saved row maxima and reciprocal row sums, as ``ops.attention`` does.
 Pairs are spread over XLA:CPU's intra-op threads. The results equal
 ``ops.attention``'s to float rounding (``tests/test_cpu_attention.py``).
@@ -136,14 +135,14 @@ def available() -> bool:
     return True
 
 
-def applies(qkv: jax.Array, bias: jax.Array) -> bool:
-    """Whether :func:`attention` takes these operands: on CPU, an f32 ``[b, n, 3, heads, head_dim]``
-    qkv and a ``[b, 1, 1, n]`` f32 bias (other shapes and dtypes, and other platforms, go to
-    ``ops.attention``)."""
-    if jax.default_backend() != "cpu" or qkv.ndim != 5 or qkv.shape[2] != 3:
+def applies(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> bool:
+    """Whether :func:`attention` takes these operands: on CPU, f32 ``[b, n, heads, head_dim]`` q, k, v
+    of one shape and a ``[b, 1, 1, n]`` f32 bias (other shapes and dtypes, and other platforms,
+    go to ``ops.attention``)."""
+    if jax.default_backend() != "cpu" or q.ndim != 4 or not q.shape == k.shape == v.shape:
         return False
-    b, n = qkv.shape[:2]
-    if bias.shape != (b, 1, 1, n) or qkv.dtype != jnp.float32 or bias.dtype != jnp.float32:
+    b, n = q.shape[:2]
+    if bias.shape != (b, 1, 1, n) or any(x.dtype != jnp.float32 for x in (q, k, v, bias)):
         return False
     return not _disabled and os.environ.get(ENV, "1") != "0" and available()
 
@@ -163,61 +162,62 @@ def _kept_scale(keep, rate: float) -> np.float32:
     return np.float32(0.0 if keep is None or rate == 0.0 else 1.0 / (1.0 - rate))
 
 
-def _kernel(kind, result_shapes, keep, rate, qkv, bias2, *rest):
-    """The ``kind`` kernel on ``qkv, bias2``, the keep-mask, then ``rest`` (each with the batch
+def _kernel(kind, result_shapes, keep, rate, q, k, v, bias2, *rest):
+    """The ``kind`` kernel on ``q, k, v, bias2``, the keep-mask, then ``rest`` (each with the batch
     leading), per device; ``result_shapes(local_batch)`` gives its results' shapes."""
     kept_scale = _kept_scale(keep, rate)
 
-    def call(qkv, bias2, *xs):
+    def call(q, k, v, bias2, *xs):
         mask, xs = (xs[0], xs[1:]) if keep is not None else (jnp.ones((1,), jnp.bool_), xs)  # unread without dropout
-        fn = jax.ffi.ffi_call(TARGETS[kind][0], result_shapes(qkv.shape[0]), vmap_method="sequential")
-        return fn(qkv, bias2, mask, *xs, kept_scale=kept_scale)
+        fn = jax.ffi.ffi_call(TARGETS[kind][0], result_shapes(q.shape[0]), vmap_method="sequential")
+        return fn(q, k, v, bias2, mask, *xs, kept_scale=kept_scale)
 
-    return _per_device(call, qkv, bias2, *(() if keep is None else (keep,)), *rest)
+    return _per_device(call, q, k, v, bias2, *(() if keep is None else (keep,)), *rest)
 
 
-def _forward(qkv, bias2, keep, rate):
+def _forward(q, k, v, bias2, keep, rate):
     """``(out, m, inv)``: the attention and each query row's logit maximum and reciprocal exp-sum."""
-    _, n, _, h, d = qkv.shape
+    _, n, h, d = q.shape
     rows = lambda b: jax.ShapeDtypeStruct((b, h, n), jnp.float32)
     shapes = lambda b: (jax.ShapeDtypeStruct((b, n, h, d), jnp.float32), rows(b), rows(b))
-    return _kernel("forward", shapes, keep, rate, qkv, bias2)
+    return _kernel("forward", shapes, keep, rate, q, k, v, bias2)
 
 
-def _backward(qkv, bias2, keep, m, inv, g, rate):
-    """``(dqkv, dbias per head [b, heads, n])``."""
-    _, n, _, h, _ = qkv.shape
-    shapes = lambda b: (jax.ShapeDtypeStruct((b, *qkv.shape[1:]), jnp.float32),
-                        jax.ShapeDtypeStruct((b, h, n), jnp.float32))
-    return _kernel("backward", shapes, keep, rate, qkv, bias2, m, inv, g)
+def _backward(q, k, v, bias2, keep, m, inv, g, rate):
+    """``(dq, dk, dv, dbias per head [b, heads, n])``."""
+    _, n, h, d = q.shape
+    shapes = lambda b: (jax.ShapeDtypeStruct((b, n, h, d), jnp.float32),) * 3 + (
+        jax.ShapeDtypeStruct((b, h, n), jnp.float32),)
+    return _kernel("backward", shapes, keep, rate, q, k, v, bias2, m, inv, g)
 
 
-def _attention_core(qkv, bias, keep, rate):
-    return _forward(qkv, bias.reshape(bias.shape[0], -1), keep, rate)[0]
+def _attention_core(q, k, v, bias, keep, rate):
+    return _forward(q, k, v, bias.reshape(bias.shape[0], -1), keep, rate)[0]
 
 
-_attention = jax.custom_vjp(_attention_core, nondiff_argnums=(3,))
+_attention = jax.custom_vjp(_attention_core, nondiff_argnums=(5,))
 
 
-def _attention_fwd(qkv, bias, keep, rate):
-    out, m, inv = _forward(qkv, bias.reshape(bias.shape[0], -1), keep, rate)
-    return out, (qkv, bias, keep, m, inv)
+def _attention_fwd(q, k, v, bias, keep, rate):
+    out, m, inv = _forward(q, k, v, bias.reshape(bias.shape[0], -1), keep, rate)
+    return out, (q, k, v, bias, keep, m, inv)
 
 
 def _attention_bwd(rate, res, g):
-    qkv, bias, keep, m, inv = res
-    dqkv, dbias = _backward(qkv, bias.reshape(bias.shape[0], -1), keep, m, inv, g, rate)
-    return dqkv, dbias.sum(1).reshape(bias.shape), None
+    q, k, v, bias, keep, m, inv = res
+    dq, dk, dv, dbias = _backward(q, k, v, bias.reshape(bias.shape[0], -1), keep, m, inv, g, rate)
+    return dq, dk, dv, dbias.sum(1).reshape(bias.shape), None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def attention(qkv: jax.Array, bias: jax.Array, keep: jax.Array | None = None, rate: float = 0.0) -> jax.Array:
-    """``dropout(softmax(q k^T + bias)) v`` per head for an f32 ``qkv`` ``[b, n, 3, heads, head_dim]``
-    (q, k, v side by side, q already scaled) and a ``[b, 1, 1, n]`` key bias; ``keep``: dropout's
-    ``[b, heads, n, n]`` keep-mask (``None``: no dropout). Returns ``[b, n, heads, head_dim]``; the
-    gradient of ``qkv`` comes in its layout. Only where :func:`applies` says so."""
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array,
+              keep: jax.Array | None = None, rate: float = 0.0) -> jax.Array:
+    """``dropout(softmax(q k^T + bias)) v`` per head for ``[b, n, heads, head_dim]`` f32 ``q`` (already
+    scaled), ``k``, ``v`` and a ``[b, 1, 1, n]`` key bias; ``keep``: dropout's ``[b, heads, n, n]``
+    keep-mask (``None``: no dropout). Returns ``[b, n, heads, head_dim]``. Only where
+    :func:`applies` says so."""
     if not available():
         raise RuntimeError("the CPU attention kernel is not available (see the log's warning)")
-    return _attention(qkv, bias, keep, rate)
+    return _attention(q, k, v, bias, keep, rate)

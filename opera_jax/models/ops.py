@@ -21,8 +21,8 @@ attention scale on the logits), to measure what the changes buy.
   such arrays per layer (the exponentials, the reciprocal of their sum broadcast
   to full size, the probabilities): at 64 x 256 tokens 3.6 GB of the step's
   7.3 GB scratch; keeping the probabilities alone still cost 1.15 GB there.
-- :func:`multi_head_attention`: :func:`attention` on the one q/k/v projection's ``[b, n, 3, heads,
-  head_dim]`` output; on CPU the fused C++ kernel of ``cpu_attention.py``.
+- :func:`multi_head_attention`: :func:`attention` on the projections' ``[b, n, heads, head_dim]``
+  layout; on CPU the fused C++ kernel of ``cpu_attention.py``.
 - :func:`dense`: a dense layer whose weight gradient contracts ``x`` and ``g`` over the
   tokens directly; autodiff had XLA:CPU copy ``g`` transposed first and run a dot at about
   half the FLOP rate. On XLA:CPU its forward dot stays out of YNNPACK's fusion with the
@@ -308,16 +308,15 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array,
     return _attention(q, k, v, bias, keep, rate)
 
 
-def multi_head_attention(qkv: jax.Array, bias: jax.Array,
+def multi_head_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array,
                          keep: jax.Array | None = None, rate: float = 0.0) -> jax.Array:
-    """:func:`attention` for ``qkv`` ``[b, n, 3, heads, head_dim]`` (q, k and v side by side, as one
-    projection makes them; q already scaled), returning ``[b, n, heads, head_dim]``; ``keep`` stays
-    ``[b, heads, n, n]``. On CPU (f32, key-padding bias) one C++ kernel per pass
-    (``cpu_attention.py``) that reads and writes these layouts; elsewhere :func:`attention` between
-    head transposes."""
-    if not PLAIN and cpu_attention.applies(qkv, bias):
-        return cpu_attention.attention(qkv, bias, keep, rate)
+    """:func:`attention` for ``[b, n, heads, head_dim]`` q, k, v (the projections' own layout), returning
+    ``[b, n, heads, head_dim]``; ``keep`` stays ``[b, heads, n, n]``. On CPU (f32, key-padding bias)
+    one C++ kernel per pass (``cpu_attention.py``) that reads and writes this layout; elsewhere
+    :func:`attention` between head transposes."""
+    if not PLAIN and cpu_attention.applies(q, k, v, bias):
+        return cpu_attention.attention(q, k, v, bias, keep, rate)
     # Explicit transposes and batched matmuls: on XLA:CPU 2.6x faster than the equivalent
     # einsums ("bqhd,bkhd->bhqk"), whose layout changes are not fused with the dots.
-    q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
-    return attention(q, k, v, bias, keep, rate).transpose(0, 2, 1, 3)
+    t = lambda x: x.transpose(0, 2, 1, 3)
+    return t(attention(t(q), t(k), t(v), bias, keep, rate))

@@ -3,14 +3,13 @@
 // XLA:CPU has no fused attention: it runs `q k^T`, the softmax and `p v` as separate passes over
 // `[batch, heads, n, n]` arrays in memory, plus head transposes of q, k, v and the output. Here each
 // (sequence, head) pair's `[n, n]` scores stay in a per-thread buffer (64 KB at n = 128, in L2), q, k and
-// v are read straight from the `[batch, n, 3, heads, head_dim]` output of the one q/k/v projection (no
-// slices, no transposes), their gradients written into one array of that layout, and the backward pass recomputes the probabilities from the saved row maxima and
+// v are read straight from the `[batch, n, heads, head_dim]` layout of the projections (no
+// transposes), and the backward pass recomputes the probabilities from the saved row maxima and
 // reciprocal row sums, as `ops.attention` does. The Python side is `cpu_attention.py`; the
 // independent reference the tests compare with is `ops.attention`.
 //
 // Arrays (f32; `kept_scale` = 1 / (1 - rate) with dropout, 0 without):
-//   qkv, dqkv                    [B, n, 3, H, d]  q, k, v side by side (q already scaled by 1/sqrt(d))
-//   out, g                       [B, n, H, d]
+//   q, k, v, out, g, dq, dk, dv  [B, n, H, d]     (q already scaled by 1/sqrt(d))
 //   bias                         [B, n]           additive key bias (the padding mask)
 //   keep                         [B, H, n, n]     dropout's keep-mask (1 entry, unread, without dropout)
 //   m, inv                       [B, H, n]        each query row's logit maximum and 1 / sum(exp)
@@ -138,13 +137,8 @@ struct Scratch {
 struct Dims {
   long B, n, H, d;  // batch, sequence length, heads, head dim
   long np, dp;      // n and d rounded up to multiples of 16
-  long row() const { return H * d; }       // stride between a head's consecutive rows in [B, n, H, d]
-  long qkv_row() const { return 3 * row(); }  // ... and in [B, n, 3, H, d]
+  long row() const { return H * d; }  // stride between a head's consecutive rows in [B, n, H, d]
 };
-
-// One of q, k, v (or their gradients) in qkv / dqkv: `part` 0, 1 or 2.
-template <class T>
-T* part_of(const Dims& s, T* qkv, int part) { return qkv + part * s.row(); }
 
 // dst[0:d] = src[0:d], vector by vector (d is small: a libc memcpy call per row cost more than the copy).
 __attribute__((always_inline)) inline void copy_row(float* dst, const float* src, long d) {
@@ -153,44 +147,43 @@ __attribute__((always_inline)) inline void copy_row(float* dst, const float* src
   for (; c < d; ++c) dst[c] = src[c];
 }
 
-// Head h of sequence b of an array whose positions are `rs` floats apart ([B, n, H, d]: rs = H d; a part
-// of [B, n, 3, H, d]: rs = 3 H d): its first row.
-inline const float* head(const Dims& s, const float* x, long rs, long b, long h) { return x + b * s.n * rs + h * s.d; }
-inline float* head(const Dims& s, float* x, long rs, long b, long h) { return x + b * s.n * rs + h * s.d; }
+// Head h of sequence b of a [B, n, H, d] array: its first row.
+inline const float* head(const Dims& s, const float* x, long b, long h) { return x + (b * s.n * s.H + h) * s.d; }
+inline float* head(const Dims& s, float* x, long b, long h) { return x + (b * s.n * s.H + h) * s.d; }
 
 // Head h of sequence b as an [n, dp] matrix with row stride `ld`: read in place when d is a multiple of
 // 16 (every head size of the presets), else copied into `buf` and zero-padded to dp columns.
-const float* head_in(const Dims& s, const float* x, long rs, long b, long h, float* buf, long& ld) {
-  const float* base = head(s, x, rs, b, h);
+const float* head_in(const Dims& s, const float* x, long b, long h, float* buf, long& ld) {
+  const float* base = head(s, x, b, h);
   if (s.d == s.dp) {
-    ld = rs;
+    ld = s.row();
     return base;
   }
   std::memset(buf, 0, sizeof(float) * s.n * s.dp);
-  for (long i = 0; i < s.n; ++i) copy_row(buf + i * s.dp, base + i * rs, s.d);
+  for (long i = 0; i < s.n; ++i) copy_row(buf + i * s.dp, base + i * s.row(), s.d);
   ld = s.dp;
   return buf;
 }
 
 // Where an [n, dp] result for head h of sequence b goes: in place when d is a multiple of 16, else
 // `buf`, which head_out_done then copies into place.
-float* head_out(const Dims& s, float* x, long rs, long b, long h, float* buf, long& ld) {
-  ld = s.d == s.dp ? rs : s.dp;
-  return s.d == s.dp ? head(s, x, rs, b, h) : buf;
+float* head_out(const Dims& s, float* x, long b, long h, float* buf, long& ld) {
+  ld = s.d == s.dp ? s.row() : s.dp;
+  return s.d == s.dp ? head(s, x, b, h) : buf;
 }
 
-void head_out_done(const Dims& s, const float* buf, long rs, long b, long h, float* x) {
+void head_out_done(const Dims& s, const float* buf, long b, long h, float* x) {
   if (s.d == s.dp) return;
-  float* base = head(s, x, rs, b, h);
-  for (long i = 0; i < s.n; ++i) copy_row(base + i * rs, buf + i * s.dp, s.d);
+  float* base = head(s, x, b, h);
+  for (long i = 0; i < s.n; ++i) copy_row(base + i * s.row(), buf + i * s.dp, s.d);
 }
 
 // Head h of sequence b transposed, into a [dp, np] buffer, zero-padded.
-void head_transposed(const Dims& s, const float* x, long rs, long b, long h, float* out) {
-  const float* base = head(s, x, rs, b, h);
+void head_transposed(const Dims& s, const float* x, long b, long h, float* out) {
+  const float* base = head(s, x, b, h);
   std::memset(out, 0, sizeof(float) * s.np * s.dp);
   for (long i = 0; i < s.n; ++i)
-    for (long c = 0; c < s.d; ++c) out[c * s.np + i] = base[i * rs + c];
+    for (long c = 0; c < s.d; ++c) out[c * s.np + i] = base[i * s.row() + c];
 }
 
 // The padded bias row of sequence b: its n key biases, then -inf for the padding keys.
@@ -236,23 +229,20 @@ ffi::Error check(const Dims& s, ffi::Buffer<ffi::F32>& bias, ffi::Buffer<ffi::PR
   return ffi::Error::Success();
 }
 
-// The dimensions of a [B, n, 3, H, d] qkv; false if it is not one.
-bool dims_of(ffi::Buffer<ffi::F32>& qkv, Dims& s) {
-  auto d = qkv.dimensions();
-  if (d.size() != 5 || d[2] != 3) return false;
-  s = Dims{d[0], d[1], d[3], d[4], round16(d[1]), round16(d[4])};
-  return true;
+Dims dims_of(ffi::Buffer<ffi::F32>& q) {
+  auto d = q.dimensions();
+  Dims s{d[0], d[1], d[2], d[3], round16(d[1]), round16(d[3])};
+  return s;
 }
 
-// Whether x is [B, n, H, d].
-bool is_heads(const Dims& s, ffi::Buffer<ffi::F32>& x) {
-  auto d = x.dimensions();
-  return d.size() == 4 && d[0] == s.B && d[1] == s.n && d[2] == s.H && d[3] == s.d;
+bool same_shape(ffi::Buffer<ffi::F32>& a, ffi::Buffer<ffi::F32>& b) {
+  auto x = a.dimensions(), y = b.dimensions();
+  return x.size() == y.size() && std::equal(x.begin(), x.end(), y.begin());
 }
 
 // One call's arrays (see the top of the file).
 struct ForwardArgs {
-  const float *Q, *K, *V, *bias;  // Q, K, V: the parts of qkv
+  const float *Q, *K, *V, *bias;
   const bool* keep;
   float kept_scale;  // 0: no dropout
   float *O, *M, *I;
@@ -262,19 +252,18 @@ struct BackwardArgs {
   const float *Q, *K, *V, *G, *bias, *M, *I;
   const bool* keep;
   float kept_scale;
-  float *DQ, *DK, *DV, *DB;  // DQ, DK, DV: the parts of dqkv
+  float *DQ, *DK, *DV, *DB;
 };
 
 // The forward pass of head h of sequence b.
 void forward_head(const Dims& s, const ForwardArgs& a, long b, long h) {
   thread_local Scratch sq, skt, sv, ss, so, sb;
   const long item = b * s.H + h, sz = s.np * s.dp;
-  const long rs = s.qkv_row();
   long ldq, ldv, ldo;
   float *ktb = skt.get(sz), *sc = ss.get(s.np * s.np), *bb = sb.get(s.np);
-  const float* q = head_in(s, a.Q, rs, b, h, sq.get(sz), ldq);
-  const float* v = head_in(s, a.V, rs, b, h, sv.get(sz), ldv);
-  head_transposed(s, a.K, rs, b, h, ktb);
+  const float* q = head_in(s, a.Q, b, h, sq.get(sz), ldq);
+  const float* v = head_in(s, a.V, b, h, sv.get(sz), ldv);
+  head_transposed(s, a.K, b, h, ktb);
   bias_row(s, a.bias, b, bb);
   gemm(s.n, s.np, s.dp, q, ldq, 1, ktb, s.np, sc, s.np);  // scores = q k^T
   float *mrow = a.M + item * s.n, *irow = a.I + item * s.n;
@@ -302,9 +291,9 @@ void forward_head(const Dims& s, const ForwardArgs& a, long b, long h) {
     mrow[i] = mi;
     irow[i] = ii;
   }
-  float* o = head_out(s, a.O, s.row(), b, h, so.get(sz), ldo);
+  float* o = head_out(s, a.O, b, h, so.get(sz), ldo);
   gemm(s.n, s.dp, s.n, sc, s.np, 1, v, ldv, o, ldo);  // out = p v
-  head_out_done(s, o, s.row(), b, h, a.O);
+  head_out_done(s, o, b, h, a.O);
 }
 
 // The backward pass of head h of sequence b.
@@ -312,15 +301,14 @@ void backward_head(const Dims& s, const BackwardArgs& a, long b, long h) {
   thread_local Scratch sq, sk, skt, svt, sg, sp, spd, sds, so, sb, scol;
   const long item = b * s.H + h, sz = s.np * s.dp, full = s.np * s.np;
   const bool dropout = a.kept_scale > 0.f;
-  const long rs = s.qkv_row();
   long ldq, ldk, ldg, ldo;
   float *ktb = skt.get(sz), *vtb = svt.get(sz), *p = sp.get(full), *ds = sds.get(full), *bb = sb.get(s.np);
   float *pd = dropout ? spd.get(full) : p, *col = scol.get(s.np);
-  const float* q = head_in(s, a.Q, rs, b, h, sq.get(sz), ldq);
-  const float* k = head_in(s, a.K, rs, b, h, sk.get(sz), ldk);
-  const float* g = head_in(s, a.G, s.row(), b, h, sg.get(sz), ldg);
-  head_transposed(s, a.K, rs, b, h, ktb);
-  head_transposed(s, a.V, rs, b, h, vtb);
+  const float* q = head_in(s, a.Q, b, h, sq.get(sz), ldq);
+  const float* k = head_in(s, a.K, b, h, sk.get(sz), ldk);
+  const float* g = head_in(s, a.G, b, h, sg.get(sz), ldg);
+  head_transposed(s, a.K, b, h, ktb);
+  head_transposed(s, a.V, b, h, vtb);
   bias_row(s, a.bias, b, bb);
   const float *mrow = a.M + item * s.n, *irow = a.I + item * s.n;
   gemm(s.n, s.np, s.dp, q, ldq, 1, ktb, s.np, p, s.np);  // the scores again
@@ -330,9 +318,9 @@ void backward_head(const Dims& s, const BackwardArgs& a, long b, long h) {
     for (long j = 0; j < s.np; j += W) store(row + j, exp_nonpositive(load(row + j) + load(bb + j) - mi) * ii);
     if (dropout) drop_row(s, a.keep + (item * s.n + i) * s.n, a.kept_scale, row, pd + i * s.np);
   }
-  float* dv = head_out(s, a.DV, rs, b, h, so.get(sz), ldo);
+  float* dv = head_out(s, a.DV, b, h, so.get(sz), ldo);
   gemm(s.n, s.dp, s.n, pd, 1, s.np, g, ldg, dv, ldo);  // dv = p_dropped^T g
-  head_out_done(s, dv, rs, b, h, a.DV);
+  head_out_done(s, dv, b, h, a.DV);
   gemm(s.n, s.np, s.dp, g, ldg, 1, vtb, s.np, ds, s.np);  // dp = g v^T
   std::memset(col, 0, sizeof(float) * s.np);
   for (long i = 0; i < s.n; ++i) {  // ds = p * (dp - sum_j p dp), dropout's mask and scale on dp first
@@ -349,52 +337,53 @@ void backward_head(const Dims& s, const BackwardArgs& a, long b, long h) {
     }
   }
   std::memcpy(a.DB + item * s.n, col, sizeof(float) * s.n);
-  float* dq = head_out(s, a.DQ, rs, b, h, so.get(sz), ldo);
+  float* dq = head_out(s, a.DQ, b, h, so.get(sz), ldo);
   gemm(s.n, s.dp, s.n, ds, s.np, 1, k, ldk, dq, ldo);  // dq = ds k
-  head_out_done(s, dq, rs, b, h, a.DQ);
-  float* dk = head_out(s, a.DK, rs, b, h, so.get(sz), ldo);
+  head_out_done(s, dq, b, h, a.DQ);
+  float* dk = head_out(s, a.DK, b, h, so.get(sz), ldo);
   gemm(s.n, s.dp, s.n, ds, 1, s.np, q, ldq, dk, ldo);  // dk = ds^T q
-  head_out_done(s, dk, rs, b, h, a.DK);
+  head_out_done(s, dk, b, h, a.DK);
 }
 
-ffi::Error AttentionForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32> bias,
-                            ffi::Buffer<ffi::PRED> keep, float kept_scale, ffi::ResultBuffer<ffi::F32> out,
-                            ffi::ResultBuffer<ffi::F32> m, ffi::ResultBuffer<ffi::F32> inv) {
-  Dims s;
-  if (!dims_of(qkv, s)) return ffi::Error::InvalidArgument("opera attention: qkv must be [batch, n, 3, heads, head_dim]");
+ffi::Error AttentionForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                            ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::PRED> keep,
+                            float kept_scale, ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> m,
+                            ffi::ResultBuffer<ffi::F32> inv) {
+  if (q.dimensions().size() != 4 || !same_shape(q, k) || !same_shape(q, v))
+    return ffi::Error::InvalidArgument("opera attention: q, k, v must be equal [batch, n, heads, head_dim]");
+  const Dims s = dims_of(q);
   if (ffi::Error e = check(s, bias, keep, kept_scale); e.failure()) return e;
-  const float* x = qkv.typed_data();
-  const ForwardArgs a{part_of(s, x, 0), part_of(s, x, 1), part_of(s, x, 2), bias.typed_data(), keep.typed_data(),
+  const ForwardArgs a{q.typed_data(), k.typed_data(), v.typed_data(), bias.typed_data(), keep.typed_data(),
                       kept_scale, out->typed_data(), m->typed_data(), inv->typed_data()};
   parallel_for(pool, s.B * s.H, [&](long i) { forward_head(s, a, i / s.H, i % s.H); });
 
   return ffi::Error::Success();
 }
 
-ffi::Error AttentionBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32> bias,
-                             ffi::Buffer<ffi::PRED> keep, ffi::Buffer<ffi::F32> m, ffi::Buffer<ffi::F32> inv,
-                             ffi::Buffer<ffi::F32> g, float kept_scale, ffi::ResultBuffer<ffi::F32> dqkv,
-                             ffi::ResultBuffer<ffi::F32> dbias) {
-  Dims s;
-  if (!dims_of(qkv, s) || !is_heads(s, g))
-    return ffi::Error::InvalidArgument("opera attention: qkv must be [batch, n, 3, heads, head_dim], g [batch, n, heads, head_dim]");
+ffi::Error AttentionBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                             ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::PRED> keep,
+                             ffi::Buffer<ffi::F32> m, ffi::Buffer<ffi::F32> inv, ffi::Buffer<ffi::F32> g,
+                             float kept_scale, ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
+                             ffi::ResultBuffer<ffi::F32> dv, ffi::ResultBuffer<ffi::F32> dbias) {
+  if (q.dimensions().size() != 4 || !same_shape(q, k) || !same_shape(q, v) || !same_shape(q, g))
+    return ffi::Error::InvalidArgument("opera attention: q, k, v, g must be equal [batch, n, heads, head_dim]");
+  const Dims s = dims_of(q);
   if (ffi::Error e = check(s, bias, keep, kept_scale); e.failure()) return e;
   if (static_cast<long>(m.element_count()) != s.B * s.H * s.n || m.element_count() != inv.element_count())
     return ffi::Error::InvalidArgument("opera attention: m, inv must be [batch, heads, n]");
-  const float* x = qkv.typed_data();
-  float* dx = dqkv->typed_data();
-  const BackwardArgs a{part_of(s, x, 0), part_of(s, x, 1), part_of(s, x, 2), g.typed_data(), bias.typed_data(),
-                       m.typed_data(), inv.typed_data(), keep.typed_data(), kept_scale, part_of(s, dx, 0),
-                       part_of(s, dx, 1), part_of(s, dx, 2), dbias->typed_data()};
+  const BackwardArgs a{q.typed_data(), k.typed_data(), v.typed_data(), g.typed_data(), bias.typed_data(),
+                       m.typed_data(), inv.typed_data(), keep.typed_data(), kept_scale, dq->typed_data(),
+                       dk->typed_data(), dv->typed_data(), dbias->typed_data()};
   parallel_for(pool, s.B * s.H, [&](long i) { backward_head(s, a, i / s.H, i % s.H); });
 
   return ffi::Error::Success();
 }
 
-// The operands both passes start with: qkv, bias, keep (the thread pool as context).
+// The operands both passes start with: q, k, v, bias, keep (the thread pool as context).
 auto bind_inputs() {
   using F32 = ffi::Buffer<ffi::F32>;
-  return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<F32>().Arg<F32>().Arg<ffi::Buffer<ffi::PRED>>();
+  return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<F32>().Arg<F32>().Arg<F32>().Arg<F32>()
+      .Arg<ffi::Buffer<ffi::PRED>>();
 }
 
 }  // namespace
@@ -405,7 +394,7 @@ using F32 = ffi::Buffer<ffi::F32>;
 XLA_FFI_DEFINE_HANDLER_SYMBOL(OperaAttentionForward, AttentionForward,
                               bind_inputs().Attr<float>("kept_scale").Ret<F32>().Ret<F32>().Ret<F32>());
 
-// Further operands: m, inv, g; results: dqkv, dbias.
+// Further operands: m, inv, g; results: dq, dk, dv, dbias.
 XLA_FFI_DEFINE_HANDLER_SYMBOL(OperaAttentionBackward, AttentionBackward,
                               bind_inputs().Arg<F32>().Arg<F32>().Arg<F32>().Attr<float>("kept_scale")
-                                  .Ret<F32>().Ret<F32>());
+                                  .Ret<F32>().Ret<F32>().Ret<F32>().Ret<F32>());
