@@ -73,27 +73,6 @@ def test_plain_switch_gives_the_same_model_gradients(tiny_bert_dir, train):
         np.testing.assert_allclose(a, b, atol=5e-5, rtol=1e-4)
 
 
-def test_query_key_value_projections_are_one_product(tiny_bert_dir):
-    """Each layer's q, k and v come from one [d, 3d] dot, forward and backward (XLA:CPU runs a lone
-    [tokens, d] @ [d, d] dot on one thread: benchmarks/README.md); the parameters stay three."""
-    from flax import nnx
-
-    from opera_jax.models.encoder import load_encoder
-
-    model = load_encoder(str(tiny_bert_dir)).model
-    d, layers = model.backbone.config.hidden_size, model.backbone.config.num_hidden_layers
-    assert model.backbone.layers[0].attention.query.kernel.shape == (d, d)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    ids, mask = jnp.ones((4, 12), jnp.int32), jnp.ones((4, 12), jnp.int32)
-    loss = lambda p: jnp.sum(nnx.merge(graphdef, p, rest, copy=True)(ids, mask) ** 2)
-    dots = [line for line in jax.jit(jax.grad(loss)).lower(params).as_text().splitlines()
-            if "dot_general" in line]
-    forward = [x for x in dots if f"xf32>, tensor<{d}x{3 * d}xf32>) -> tensor<4x12x{3 * d}xf32>" in x]  # h @ [d, 3d]
-    weight_grad = [x for x in dots if f"-> tensor<{d}x{3 * d}xf32>" in x]  # x^T g over the tokens
-    input_grad = [x for x in dots if f"tensor<48x{3 * d}xf32>, tensor<{d}x{3 * d}xf32>) -> tensor<48x{d}xf32>" in x]
-    assert len(forward) == len(weight_grad) == len(input_grad) == layers, (forward, weight_grad, input_grad)
-
-
 def _plain_attention(q, k, v, bias, keep=None, rate=0.0):
     p = jax.nn.softmax(q @ jnp.swapaxes(k, -1, -2) + bias, axis=-1)
     if keep is not None:

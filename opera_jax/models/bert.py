@@ -106,13 +106,6 @@ def _apply_linear(linear: nnx.Linear, x: jax.Array) -> jax.Array:
     return ops.dense(x.astype(linear.dtype), *_weights(linear))
 
 
-def _apply_linears(linears: tuple[nnx.Linear, ...], x: jax.Array) -> jax.Array:
-    """``concatenate([l(x) for l in linears], -1)`` as one :func:`ops.dense` over the kernels side
-    by side. The parameters stay separate (Hugging Face's names); only the product is joined."""
-    kernels, biases = zip(*(_weights(linear) for linear in linears))
-    return ops.dense(x.astype(linears[0].dtype), jnp.concatenate(kernels, 1), jnp.concatenate(biases))
-
-
 def _norm(dim: int, eps: float, p: Precision, rngs: nnx.Rngs) -> nnx.LayerNorm:
     return nnx.LayerNorm(dim, epsilon=eps, dtype=p.dtype, param_dtype=p.param_dtype, rngs=rngs)
 
@@ -167,10 +160,8 @@ class BertAttention(nnx.Module):
             ctx = self.attn_dropout(jax.nn.softmax(logits + bias, axis=-1).astype(v.dtype)) @ v
             ctx = ctx.transpose(0, 2, 1, 3)
         else:
-            # q, k and v from one [d, 3d] product: XLA:CPU runs a [tokens, d] @ [d, d] dot on one
-            # thread where the three side by side use every core (benchmarks/README.md).
-            q, k, v = jnp.split(_apply_linears((self.query, self.key, self.value), h), 3, axis=-1)
-            q, k, v = split(q * scale), split(k), split(v)
+            q = split(_apply_linear(self.query, h) * scale)
+            k, v = split(_apply_linear(self.key, h)), split(_apply_linear(self.value, h))
             keep = _keep_mask(self.attn_dropout, (b, self.num_heads, n, n), q)
             ctx = ops.multi_head_attention(q, k, v, bias, keep, self.attn_dropout.rate)  # f32 softmax
         return _apply_norm(self.norm, h + self.dropout(_apply_linear(self.out, ctx.reshape(b, n, d))))
