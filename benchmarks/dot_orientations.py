@@ -4,9 +4,9 @@
 
 For MiniLM's layer widths (384, 1536) and ``tokens`` rows (4,096 = shape A's passages), f32,
 ``threads`` threads (PyTorch's ``set_num_threads``; XLA:CPU sizes its pool from the cores the
-process may run on, so pin those with ``taskset``), each product timed as XLA:CPU runs it under opera-jax's flags (``xla_cpu.py``) and as
-PyTorch (oneDNN) runs the same product, calls interleaved in one process so both see the same
-stretch of a noisy machine (medians of ``repeats``). The rows:
+process may run on, so pin those with ``taskset``): each product timed as XLA:CPU runs it under
+opera-jax's flags (``xla_cpu.py``) and as PyTorch (oneDNN) runs the same product, calls interleaved
+in one process so both see the same stretch of a noisy machine (medians of ``repeats``). The rows:
 
 - ``forward``: ``x W`` (``[T, din] @ [din, dout]``, contracting ``[1] x [0]``);
 - ``input grad``: ``g W^T`` (``[1] x [1]``);
@@ -93,7 +93,8 @@ def main(argv=None) -> list[dict]:
     if args.out:
         from opera_jax.io_utils import write_json
 
-        write_json(args.out, {"rows": rows, "threads": args.threads, "cpus": sorted(os.sched_getaffinity(0)), "jax": jax.__version__, "torch": torch.__version__})
+        write_json(args.out, {"rows": rows, "threads": args.threads, "cpus": sorted(os.sched_getaffinity(0)),
+                              "jax": jax.__version__, "torch": torch.__version__})
     return rows
 
 
