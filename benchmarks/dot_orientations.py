@@ -24,10 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 WIDTHS = ((384, 384), (384, 1536), (1536, 384))  # (din, dout): q/k/v/out, feed-forward up, down
 
@@ -51,6 +48,10 @@ def main(argv=None) -> list[dict]:
     import torch
 
     torch.set_num_threads(args.threads)
+    dot = lambda dims: jax.jit(lambda a, b: jax.lax.dot_general(a, b, (dims, ((), ()))))
+    plain, times_transposed, weight_grad = dot(((1,), (0,))), dot(((1,), (1,))), dot(((0,), (0,)))
+    transposed_then_dot = jax.jit(lambda a, b: jax.lax.dot_general(
+        jax.lax.optimization_barrier(a.T), b, (((1,), (0,)), ((), ()))))
     rng = np.random.default_rng(0)
     rows = []
     for din, dout in WIDTHS:
@@ -61,11 +62,6 @@ def main(argv=None) -> list[dict]:
         jx, jw, jg, jxt = jax.device_put((x, w, g, xt))
         tx, tw, tg, txt = (torch.from_numpy(a) for a in (x, w, g, xt))
 
-        plain = jax.jit(lambda a, b: a @ b)
-        weight_grad = jax.jit(lambda a, b: jax.lax.dot_general(a, b, (((0,), (0,)), ((), ()))))
-        times_transposed = jax.jit(lambda a, b: jax.lax.dot_general(a, b, (((1,), (1,)), ((), ()))))
-        transposed_then_dot = jax.jit(lambda a, b: jax.lax.dot_general(
-            jax.lax.optimization_barrier(a.T), b, (((1,), (0,)), ((), ()))))
         cases = {  # name: (XLA call, PyTorch call)
             "forward": (lambda: plain(jx, jw), lambda: tx @ tw),
             "input grad": (lambda: times_transposed(jg, jw), lambda: tg @ tw.t()),

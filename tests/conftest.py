@@ -14,9 +14,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # compiled program loaded from it has the same HLO text and analyses the tests read. Made here,
 # before the workers start; removed when the session ends (``pytest_unconfigure``). Your own
 # ``JAX_COMPILATION_CACHE_DIR`` is used and kept instead.
+_OWN_COMPILATION_CACHE = None  # set in the process that made it (the workers find it in the environment)
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="opera-jax-tests-xla-cache-")
-    os.environ["OPERA_JAX_TESTS_CACHE_OWNER"] = str(os.getpid())
+    _OWN_COMPILATION_CACHE = tempfile.mkdtemp(prefix="opera-jax-tests-xla-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_COMPILATION_CACHE
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")  # not the many tiny programs
 
 from opera_jax.xla_cpu import use_xla_cpu_flags  # noqa: E402
@@ -38,8 +39,8 @@ GOLDEN = Path(__file__).resolve().parent / "golden"
 
 def pytest_unconfigure(config):
     """The session's compilation cache goes when the process that made it ends."""
-    if os.environ.get("OPERA_JAX_TESTS_CACHE_OWNER") == str(os.getpid()):
-        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+    if _OWN_COMPILATION_CACHE:
+        shutil.rmtree(_OWN_COMPILATION_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

@@ -34,6 +34,7 @@
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+using F32 = ffi::Buffer<ffi::F32>;
 
 namespace {
 
@@ -381,14 +382,11 @@ ffi::Error AttentionBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi:
 
 // The operands both passes start with: q, k, v, bias, keep (the thread pool as context).
 auto bind_inputs() {
-  using F32 = ffi::Buffer<ffi::F32>;
   return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<F32>().Arg<F32>().Arg<F32>().Arg<F32>()
       .Arg<ffi::Buffer<ffi::PRED>>();
 }
 
 }  // namespace
-
-using F32 = ffi::Buffer<ffi::F32>;
 
 // Results: out, m, inv.
 XLA_FFI_DEFINE_HANDLER_SYMBOL(OperaAttentionForward, AttentionForward,
