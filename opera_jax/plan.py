@@ -159,7 +159,7 @@ def plan(config: Config, devices: int, fsdp: int = 1) -> Plan:
     import jax.numpy as jnp
     from flax import nnx
 
-    from opera_jax.models import cpu_attention
+    from opera_jax.models import cpu_kernels
     from opera_jax.models.bert import Precision
     from opera_jax.models.encoder import ARCHITECTURES, Retriever
     from opera_jax.models.remat import policy_name
@@ -212,7 +212,7 @@ def plan(config: Config, devices: int, fsdp: int = 1) -> Plan:
         "pair": i32(b), "query": i32(b), "weight": jax.ShapeDtypeStruct((b,), jnp.float32, sharding=rows),
     }
     step = make_train_step(graphdef, rest, optimizer, o.temperature, grad_cache_chunk=o.grad_cache_chunk)
-    with cpu_attention.disabled():  # XLA's attention: its temporaries and FLOPs are counted, as on a GPU / TPU
+    with cpu_kernels.disabled():  # XLA's own ops: their temporaries and FLOPs are counted, as on a GPU / TPU
         compiled = step.lower(state, batch).compile()
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from opera_jax.models import cpu_attention, ops
+from opera_jax.models import cpu_attention, cpu_kernels, ops
 from opera_jax.sharding import BATCH_AXES, make_mesh
 
 
@@ -76,7 +76,7 @@ def test_kernel_is_deterministic_and_model_dispatches_to_it():
 
 def test_switched_off_by_the_environment_and_for_the_planner(monkeypatch):
     q, k, v, bias, _, _ = _operands(1, 16, 2, 16)
-    with cpu_attention.disabled():
+    with cpu_kernels.disabled():
         assert not cpu_attention.applies(q, k, v, bias)
     assert cpu_attention.applies(q, k, v, bias)
     monkeypatch.setenv(cpu_attention.ENV, "0")
@@ -112,7 +112,7 @@ def test_sharded_kernel_runs_per_device_and_equals_one_device():
 
 
 def test_build_caches_the_library_and_reports_compiler_errors(tmp_path):
-    compiler = cpu_attention._compiler()
+    compiler = cpu_kernels.compiler()
     lib = cpu_attention.build(compiler, tmp_path)
     assert lib.exists() and lib.parent == tmp_path
     mtime = os.stat(lib).st_mtime_ns

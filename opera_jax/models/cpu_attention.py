@@ -12,11 +12,8 @@ pass from the saved row maxima and reciprocal row sums, as ``ops.attention`` doe
 Pairs are spread over XLA:CPU's intra-op threads. The results equal
 ``ops.attention``'s to float rounding (``tests/test_cpu_attention.py``).
 
-The kernel is compiled from source the first time a process uses it (~5 s), with
-the C++ compiler of ``$CXX`` (default ``g++``, else ``c++``) and ``-O3 -march=native``,
-into ``$OPERA_CACHE_DIR/kernels`` (default ``~/.cache/opera_jax/kernels``), one library
-per source, compiler, flags, jaxlib and CPU; later processes load it from there.
-Without a working compiler, or with ``OPERA_JAX_CPU_ATTENTION=0``, nothing is
+The kernel is compiled from source the first time a process uses it (~5 s; where and how:
+``cpu_kernels.py``). Without a working compiler, or with ``OPERA_JAX_CPU_ATTENTION=0``, nothing is
 compiled and the model uses ``ops.attention`` (a one-line warning says why).
 
 Used by the model when the computation runs on CPU (``jax.default_backend()``) in
@@ -29,30 +26,22 @@ that mesh would run the custom call on gathered operands: correct, but not split
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
-import hashlib
 import logging
 import os
-import platform
-import shutil
 import subprocess
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import PartitionSpec as P
 
-from opera_jax.data import tokens
-from opera_jax.io_utils import atomic_path
-from opera_jax.sharding import BATCH_AXES, batch_mesh
+from opera_jax.models import cpu_kernels
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "attention.cc"
-FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
+SOURCE = cpu_kernels.CSRC / "attention.cc"
 # pass -> (XLA custom-call target, the library's handler symbol)
 TARGETS = {"forward": ("opera_attention_forward", "OperaAttentionForward"),
            "backward": ("opera_attention_backward", "OperaAttentionBackward")}
@@ -61,72 +50,20 @@ TARGETS = {"forward": ("opera_attention_forward", "OperaAttentionForward"),
 ENV = "OPERA_JAX_CPU_ATTENTION"  # "0": never use the kernel
 
 
-_disabled = 0  # > 0 inside disabled()
-
-
-@contextlib.contextmanager
-def disabled():
-    """Models traced inside take ``ops.attention`` (the planner: XLA then counts attention's
-    temporaries and FLOPs, as a GPU's or TPU's compiler would see them)."""
-    global _disabled
-    _disabled += 1
-    try:
-        yield
-    finally:
-        _disabled -= 1
-
-
-def cache_dir() -> Path:
-    """``kernels/`` beside the token cache, under ``$OPERA_CACHE_DIR`` (default ``~/.cache/opera_jax``)."""
-    return tokens.cache_dir().parent / "kernels"
-
-
-def _cpu_signature() -> str:
-    """The CPU's model and feature flags (``-march=native`` code is only valid on a CPU like this one)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        lines = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags", "Features"))]
-        return "\n".join(sorted(set(lines)))
-    except OSError:
-        return platform.processor() or platform.machine()
-
-
-def _compiler() -> str | None:
-    return shutil.which(os.environ.get("CXX") or "g++") or shutil.which("c++")
-
-
 def build(compiler: str, out_dir: Path) -> Path:
-    """Compile the kernel into ``out_dir`` unless it is there already; the library's path.
-
-    Written to a temporary file and renamed, so processes compiling at the same time
-    never load a half-written library. A failed compilation raises ``RuntimeError``
-    with the compiler's message."""
-    import jaxlib
-
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-    key = hashlib.sha256("\0".join(
-        [SOURCE.read_text(), compiler, version, " ".join(FLAGS), jaxlib.__version__, _cpu_signature()]
-    ).encode()).hexdigest()[:20]
-    lib = out_dir / f"attention-{key}.so"
-    if lib.exists():
-        return lib
-    with atomic_path(lib) as tmp:
-        cmd = [compiler, *FLAGS, "-isystem", jax.ffi.include_dir(), str(SOURCE), "-o", str(tmp)]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode:
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
-    return lib
+    """Compile the kernel into ``out_dir`` unless it is there already (``cpu_kernels.build``)."""
+    return cpu_kernels.build(SOURCE, compiler, out_dir)
 
 
 @functools.cache
 def available() -> bool:
     """Whether the kernel is compiled (now, if needed), loaded and registered with XLA:CPU; once per process."""
-    compiler = _compiler()
+    compiler = cpu_kernels.compiler()
     if compiler is None:
         log.warning("opera-jax: no C++ compiler ($CXX, g++, c++): CPU attention runs as XLA ops (slower)")
         return False
     try:
-        lib = ctypes.cdll.LoadLibrary(str(build(compiler, cache_dir())))
+        lib = ctypes.cdll.LoadLibrary(str(build(compiler, cpu_kernels.cache_dir())))
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         log.warning("opera-jax: the CPU attention kernel did not build (%s); attention runs as XLA ops", e)
         return False
@@ -144,17 +81,7 @@ def applies(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> bool:
     b, n = q.shape[:2]
     if bias.shape != (b, 1, 1, n) or any(x.dtype != jnp.float32 for x in (q, k, v, bias)):
         return False
-    return not _disabled and os.environ.get(ENV, "1") != "0" and available()
-
-
-def _per_device(fn, *args):
-    """``fn(*args)``, each device on its own rows of the batch when traced under ``jax.set_mesh`` of a
-    mesh of several devices (every argument and result has the batch as its leading axis)."""
-    mesh = batch_mesh(args[0])
-    if mesh is None or mesh.size == 1 or mesh.manual_axes:  # (manual: already per device, in shard_map)
-        return fn(*args)
-    spec = P(BATCH_AXES)
-    return jax.shard_map(fn, mesh=mesh, in_specs=(spec,) * len(args), out_specs=spec, check_vma=False)(*args)
+    return not cpu_kernels.is_disabled() and os.environ.get(ENV, "1") != "0" and available()
 
 
 def _kept_scale(keep, rate: float) -> np.float32:
@@ -172,7 +99,7 @@ def _kernel(kind, result_shapes, keep, rate, q, k, v, bias2, *rest):
         fn = jax.ffi.ffi_call(TARGETS[kind][0], result_shapes(q.shape[0]), vmap_method="sequential")
         return fn(q, k, v, bias2, mask, *xs, kept_scale=kept_scale)
 
-    return _per_device(call, q, k, v, bias2, *(() if keep is None else (keep,)), *rest)
+    return cpu_kernels.per_device(call, q, k, v, bias2, *(() if keep is None else (keep,)), *rest)
 
 
 def _forward(q, k, v, bias2, keep, rate):

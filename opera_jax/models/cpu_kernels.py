@@ -1,0 +1,105 @@
+"""What the C++ kernels for XLA:CPU share: compiling them, where they are kept, turning them off,
+and running them per device.
+
+The kernels (``csrc/*.cc``: attention in ``cpu_attention.py``, matrix products through MKL in
+``cpu_blas.py``) are XLA FFI handlers compiled from source the first time a process needs them,
+with the C++ compiler of ``$CXX`` (default ``g++``, else ``c++``) and ``-O3 -march=native``, into
+``$OPERA_CACHE_DIR/kernels`` (default ``~/.cache/opera_jax/kernels``): one library per source,
+compiler, flags, linked libraries, jaxlib and CPU; later processes load it from there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+
+import jax
+from jax.sharding import PartitionSpec as P
+
+from opera_jax.data import tokens
+from opera_jax.io_utils import atomic_path
+from opera_jax.sharding import BATCH_AXES, batch_mesh
+
+CSRC = Path(__file__).with_name("csrc")
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
+
+_disabled = 0  # > 0 inside disabled()
+
+
+@contextlib.contextmanager
+def disabled():
+    """Models traced inside use no C++ kernel: XLA's own ops throughout (the planner: XLA then counts
+    every temporary and FLOP, as a GPU's or TPU's compiler would see them)."""
+    global _disabled
+    _disabled += 1
+    try:
+        yield
+    finally:
+        _disabled -= 1
+
+
+def is_disabled() -> bool:
+    return _disabled > 0
+
+
+def cache_dir() -> Path:
+    """``kernels/`` beside the token cache, under ``$OPERA_CACHE_DIR`` (default ``~/.cache/opera_jax``)."""
+    return tokens.cache_dir().parent / "kernels"
+
+
+def _cpu_signature() -> str:
+    """The CPU's model and feature flags (``-march=native`` code is only valid on a CPU like this one)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        lines = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags", "Features"))]
+        return "\n".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def compiler() -> str | None:
+    return shutil.which(os.environ.get("CXX") or "g++") or shutil.which("c++")
+
+
+def build(source: Path, compiler: str, out_dir: Path, link: tuple[str, ...] = (), extra_key: str = "") -> Path:
+    """Compile ``source`` (linked with ``link``) into ``out_dir`` unless it is there already; the library's path.
+
+    ``extra_key``: whatever else the library depends on (the linked libraries' version). Written
+    to a temporary file and renamed, so processes compiling at the same time never load a
+    half-written library. A failed compilation raises ``RuntimeError`` with the compiler's message."""
+    import jaxlib
+
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+    key = hashlib.sha256("\0".join(
+        [source.read_text(), compiler, version, " ".join(FLAGS), " ".join(link), extra_key,
+         jaxlib.__version__, _cpu_signature()]
+    ).encode()).hexdigest()[:20]
+    lib = out_dir / f"{source.stem}-{key}.so"
+    if lib.exists():
+        return lib
+    with atomic_path(lib) as tmp:
+        cmd = [compiler, *FLAGS, "-isystem", jax.ffi.include_dir(), str(source), "-o", str(tmp), *link]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
+    return lib
+
+
+def per_device(fn, *args, whole: tuple[int, ...] = (), summed: bool = False):
+    """``fn(*args)``, each device on its own rows of the batch when traced under ``jax.set_mesh`` of a
+    mesh of several devices. Every argument has the batch (or its tokens) as its leading axis, except
+    those at the positions in ``whole`` (weights: every device gets all of them). The result is split
+    over the batch like the arguments, or, with ``summed``, added up over the devices (a weight
+    gradient: each device's product over its own tokens, then one ``psum``)."""
+    mesh = batch_mesh(args[0])
+    if mesh is None or mesh.size == 1 or mesh.manual_axes:  # (manual: already per device, in shard_map)
+        return fn(*args)
+    in_specs = tuple(P() if i in whole else P(BATCH_AXES) for i in range(len(args)))
+    body = (lambda *a: jax.lax.psum(fn(*a), BATCH_AXES)) if summed else fn
+    out_specs = P() if summed else P(BATCH_AXES)
+    return jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*args)
