@@ -76,9 +76,10 @@ class Hlo:
         self.body = dict(re.findall(r"^%?([\w.\-]+) \(.*?\) -> .*? \{\n(.*?)\n\}", text, re.S | re.M))
 
     def dot_of(self, name: str) -> str | None:
-        """The dot instruction ``name`` is, or the one in the fusion it calls."""
+        """The dot instruction ``name`` is (or MKL's product, ``models/cpu_blas.py``), or the one in
+        the fusion it calls."""
         line = self.line[name]
-        if " dot(" in line:
+        if " dot(" in line or "opera_gemm" in line:
             return line
         called = re.search(r"calls=%?([\w.\-]+)", line)
         body = self.body.get(called.group(1), "") if called else ""
@@ -86,6 +87,13 @@ class Hlo:
 
     def flops(self, dot: str) -> tuple[int, str]:
         """``2 * output elements * contracted size`` of a dot line, and a label of its shapes."""
+        if "opera_gemm" in dot:  # c = op(a) op(b), op a transpose where ta / tb = 1
+            m = re.match(r"\s*(?:ROOT )?%?[\w.\-]+ = (\S+?)(?:\{[^}]*\})? custom-call\(%?([\w.\-]+), %?([\w.\-]+)\)", dot)
+            out, lhs, rhs = _dims(m.group(1)), _dims(self.shape[m.group(2)]), _dims(self.shape[m.group(3)])
+            ta = re.search(r"ta = (\d)", dot).group(1) == "1"
+            tb = re.search(r"tb = (\d)", dot).group(1) == "1"
+            label = f"{lhs}{'^T' if ta else ''} x {rhs}{'^T' if tb else ''} -> {out} (MKL)"
+            return 2 * math.prod(out) * (lhs[0] if ta else lhs[1]), label
         m = re.match(r"\s*(?:ROOT )?%?[\w.\-]+ = (\S+?)(?:\{[^}]*\})? dot\(%?([\w.\-]+), %?([\w.\-]+)\)", dot)
         out, lhs, rhs = _dims(m.group(1)), _dims(self.shape[m.group(2)]), _dims(self.shape[m.group(3)])
         lc, rc = ([int(i) for i in re.search(side + r"_contracting_dims=\{([\d,]*)\}", dot).group(1).split(",")]
@@ -96,6 +104,8 @@ class Hlo:
         line, dims = self.line[name], _dims(self.shape[name])
         if "opera_attention" in line:
             return "attention (C++ kernel)"
+        if "opera_gemm" in line:
+            return "dense dots"
         scores = len(dims) == 4 and dims[-1] == dims[-2]  # [b, h, n, n]
         dot = self.dot_of(name)
         if dot is not None and " dot(" in line:

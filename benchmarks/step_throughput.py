@@ -39,9 +39,11 @@ Both are reported (``jax`` = the first, ``jax_cached`` = the second); a
 first run of the trainer pays the compile peak.
 
 The JAX child runs as ``opera-jax`` does: malloc backed by transparent huge
-pages (``opera_jax/host_memory.py``; ``--variant 4k-pages`` turns that off), lone
-dots through XLA's Eigen path (``opera_jax/xla_cpu.py``; ``--variant ynn-dots`` keeps
-jaxlib's YNNPACK default), and
+pages (``opera_jax/host_memory.py``; ``--variant 4k-pages`` turns that off), the
+dense layers' products through MKL where the ``mkl`` extra is installed
+(``opera_jax/models/cpu_blas.py``; ``--variant xla-dots`` keeps XLA's dots; the JSON's
+``dense_products`` says which ran), other dots through XLA's Eigen path
+(``opera_jax/xla_cpu.py``; ``--variant ynn-dots`` keeps jaxlib's YNNPACK default), and
 torch hidden from transformers (which would import it, ~200 MB, when installed). The
 PyTorch child runs with the allocator as it comes, or with the same huge pages
 under ``--torch-hugepages``.
@@ -103,6 +105,7 @@ VARIANTS = {
     "4k-pages": {"env": {"OPERA_JAX_HUGEPAGES": "0"}},  # malloc without huge pages (opera_jax/host_memory.py)
     "ynn-dots": {"env": {"OPERA_JAX_XLA_CPU_FLAGS": "0"}},  # jaxlib's default dots (opera_jax/xla_cpu.py)
     "xla-attention": {"env": {"OPERA_JAX_CPU_ATTENTION": "0"}},  # attention as XLA ops (models/cpu_attention.py)
+    "xla-dots": {"env": {"OPERA_JAX_CPU_BLAS": "0"}},  # dense products as XLA dots, not MKL (models/cpu_blas.py)
     "remat": {"remat": True},
     "bf16": {"bf16": True},
 }
@@ -242,7 +245,19 @@ def child_jax(args, batch) -> dict:
         "rss_after_compile_mb": _mb(rss_after_compile),
         "peak_rss_at_compile_mb": _mb(hwm_compile),
         "jax": jax.__version__,
+        "dense_products": _dense_products(),
     }
+
+
+def _dense_products() -> str:
+    """What ran the dense layers' products: MKL (with its version) or XLA's dots (models/cpu_blas.py)."""
+    import jax.numpy as jnp
+
+    from opera_jax.models import cpu_blas
+
+    if cpu_blas.applies(jnp.zeros((), jnp.float32)):
+        return f"mkl {cpu_blas.mkl_libraries()[1]}"
+    return "xla dots"
 
 
 def torch_step(args, batch):

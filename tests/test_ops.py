@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from opera_jax import xla_cpu
-from opera_jax.models import ops
+from opera_jax.models import cpu_blas, ops
 
 
 def _plain_layer_norm(x, scale, bias, eps):
@@ -134,7 +134,13 @@ def _weight_gradient_dot(plain: bool) -> str:
     return dot
 
 
-def test_dense_weight_gradient_contracts_over_the_tokens():
+@pytest.fixture
+def xla_dots(monkeypatch):
+    """The dense layers' products as XLA dots, even where MKL is installed (``cpu_blas.py``)."""
+    monkeypatch.setenv(cpu_blas.ENV, "0")
+
+
+def test_dense_weight_gradient_contracts_over_the_tokens(xla_dots):
     """x^T g as one dot contracting dimension 0 of both operands. Autodiff of the plain dot has
     XLA:CPU copy g into [features, tokens] first and contract dimension 1 of that copy, which
     runs at about half the FLOP rate (benchmarks/README.md)."""
@@ -157,7 +163,7 @@ def _dots_fused_into_ynnpack(dense) -> int:
     return sum(" dot(" in bodies.get(name, "") for name in fusions)
 
 
-def test_dense_stays_a_lone_dot_before_a_layer_norm():
+def test_dense_stays_a_lone_dot_before_a_layer_norm(xla_dots):
     """On XLA:CPU the plain dot is fused into YNNPACK's LayerNorm reduction, where its matmul runs
     at about half the rate of a lone dot through Eigen (benchmarks/README.md); ``ops.dense`` keeps
     it out. Checked where opera-jax's XLA:CPU flag applies (the jaxlib it was measured on)."""
@@ -167,7 +173,7 @@ def test_dense_stays_a_lone_dot_before_a_layer_norm():
     assert _dots_fused_into_ynnpack(ops.dense) == 0
 
 
-def test_narrowing_dense_weight_gradient_is_made_transposed_on_cpu():
+def test_narrowing_dense_weight_gradient_is_made_transposed_on_cpu(xla_dots):
     """For a layer that narrows (in > out, the feed-forward output), XLA:CPU runs g^T a, with the wider
     operand on the right, faster than a^T g (benchmarks/README.md): the kernel gradient [64, 32] comes
     from a [32, 64] dot and a transpose, and equals the plain one."""

@@ -25,7 +25,8 @@ attention scale on the logits), to measure what the changes buy.
   layout; on CPU the fused C++ kernel of ``cpu_attention.py``.
 - :func:`dense`: a dense layer whose weight gradient contracts ``x`` and ``g`` over the
   tokens directly; autodiff had XLA:CPU copy ``g`` transposed first and run a dot at about
-  half the FLOP rate. On XLA:CPU its forward dot stays out of YNNPACK's fusion with the
+  half the FLOP rate. With the ``mkl`` extra, on CPU, its three products go to MKL instead
+  (``cpu_blas.py``). On XLA:CPU its forward dot stays out of YNNPACK's fusion with the
   LayerNorm after it, and a narrowing layer's weight gradient is made transposed (both faster there).
 - :func:`gelu_dense`: GELU followed by a dense layer, saving the GELU's input
   only (autodiff also keeps its output, the dense layer's input).
@@ -40,7 +41,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from opera_jax.models import cpu_attention
+from opera_jax.models import cpu_attention, cpu_blas
 
 PLAIN = False  # True: the plain formulations everywhere (see above)
 
@@ -133,8 +134,16 @@ def _lone_dot(y):
         y, cpu=lambda y: jax.lax.reduce_precision(y, exponent_bits=8, mantissa_bits=23), default=lambda y: y)
 
 
-def _dense(a, kernel, bias):
+def _plain_dense(a, kernel, bias):
+    """``a @ kernel + bias`` over the last axis as XLA's dot (kept a lone dot on XLA:CPU)."""
     return _lone_dot(jax.lax.dot_general(a, kernel, (((a.ndim - 1,), (0,)), ((), ())))) + bias
+
+
+def _dense(a, kernel, bias):
+    """:func:`_plain_dense`, its product through MKL on CPU where it is installed (``cpu_blas.py``)."""
+    if cpu_blas.applies(a, kernel):
+        return cpu_blas.matmul(_rows(a), kernel).reshape(*a.shape[:-1], kernel.shape[1]) + bias
+    return _plain_dense(a, kernel, bias)
 
 
 def _rows(a):
@@ -152,7 +161,10 @@ def _dense_fwd(x, kernel, bias):
 
 def _dense_grads(a, kernel, g):
     """``(g W^T, a^T g, sum of g)`` for ``[tokens, in]`` inputs ``a`` and ``[tokens, out]`` cotangents
-    ``g``: the gradients of a dense layer, its weight gradient contracted over the tokens directly."""
+    ``g``: the gradients of a dense layer, its weight gradient contracted over the tokens directly
+    (on CPU through MKL where it is installed, ``cpu_blas.py``)."""
+    if cpu_blas.applies(a, kernel, g):
+        return cpu_blas.matmul_t(g, kernel), cpu_blas.t_matmul(a, g).astype(kernel.dtype), g.sum(0)
     da = jax.lax.dot_general(g, kernel, (((1,), (1,)), ((), ())))
     if a.shape[1] > g.shape[1]:  # a narrowing layer (the feed-forward output)
         dkernel = jax.lax.platform_dependent(a, g, cpu=_weight_gradient_transposed, default=_weight_gradient)
@@ -186,7 +198,7 @@ def dense(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
     """``x @ kernel + bias`` over the last axis. Its backward pass contracts the weight
     gradient over the tokens directly (``x^T g``); autodiff of the plain dot has XLA:CPU
     materialise ``g^T`` and run ``x^T (g^T)^T``, at about half the FLOP rate."""
-    return _dense(x, kernel, bias) if PLAIN else _dense_op(x, kernel, bias)
+    return _plain_dense(x, kernel, bias) if PLAIN else _dense_op(x, kernel, bias)
 
 
 # ---------------------------------------------------------------- GELU, then a dense layer
@@ -230,7 +242,7 @@ def gelu_dense(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
     """``gelu(x) @ kernel + bias`` (exact GELU). Its backward pass recomputes ``gelu(x)``
     from ``x`` instead of keeping it: one ``[tokens, intermediate]`` array per layer less."""
     if PLAIN:
-        return _dense(_gelu_plain(x), kernel, bias)
+        return _plain_dense(_gelu_plain(x), kernel, bias)
     return _gelu_dense(x, kernel, bias)
 
 
