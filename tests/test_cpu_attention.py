@@ -2,6 +2,7 @@
 
 import os
 import re
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -123,3 +124,17 @@ def test_build_caches_the_library_and_reports_compiler_errors(tmp_path):
     with pytest.raises(RuntimeError, match="error: no"):
         cpu_attention.build(str(bad), tmp_path / "other")
     assert not list((tmp_path / "other").glob("*.so"))  # nothing half-written
+
+
+def test_a_changed_header_rebuilds_the_kernels(tmp_path):
+    """A kernel's library is keyed on the headers beside its source too (``parallel_for.h``)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("gemm.cc", "parallel_for.h"):
+        shutil.copy(cpu_kernels.CSRC / name, src / name)
+    compiler = cpu_kernels.compiler()
+    first = cpu_kernels.build(src / "gemm.cc", compiler, tmp_path / "out")  # (MKL's symbols left unresolved)
+    header = src / "parallel_for.h"
+    header.write_text(header.read_text() + "\n// changed\n")
+    second = cpu_kernels.build(src / "gemm.cc", compiler, tmp_path / "out")
+    assert first != second and first.exists() and second.exists()

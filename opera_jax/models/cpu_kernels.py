@@ -4,8 +4,9 @@ and running them per device.
 The kernels (``csrc/*.cc``: attention in ``cpu_attention.py``, matrix products through MKL in
 ``cpu_blas.py``) are XLA FFI handlers compiled from source the first time a process needs them,
 with the C++ compiler of ``$CXX`` (default ``g++``, else ``c++``) and ``-O3 -march=native``, into
-``$OPERA_CACHE_DIR/kernels`` (default ``~/.cache/opera_jax/kernels``): one library per source,
-compiler, flags, linked libraries, jaxlib and CPU; later processes load it from there.
+``$OPERA_CACHE_DIR/kernels`` (default ``~/.cache/opera_jax/kernels``): one library per source (with
+the headers beside it), compiler, flags, linked libraries, jaxlib and CPU; later processes load it
+from there.
 """
 
 from __future__ import annotations
@@ -75,8 +76,9 @@ def build(source: Path, compiler: str, out_dir: Path, link: tuple[str, ...] = ()
     import jaxlib
 
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+    headers = [h.read_text() for h in sorted(source.parent.glob("*.h"))]  # what the sources include
     key = hashlib.sha256("\0".join(
-        [source.read_text(), compiler, version, " ".join(FLAGS), " ".join(link), extra_key,
+        [source.read_text(), *headers, compiler, version, " ".join(FLAGS), " ".join(link), extra_key,
          jaxlib.__version__, _cpu_signature()]
     ).encode()).hexdigest()[:20]
     lib = out_dir / f"{source.stem}-{key}.so"

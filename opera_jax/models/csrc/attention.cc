@@ -31,6 +31,7 @@
 #include <memory>
 #include <thread>
 
+#include "parallel_for.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -199,29 +200,6 @@ void drop_row(const Dims& s, const bool* keep_row, float scale, const float* p, 
   for (long j = s.n; j < s.np; ++j) out[j] = 0.f;
 }
 
-// Runs f(0) .. f(items - 1) on the calling thread and the XLA:CPU intra-op pool. The caller claims items
-// too, so the work finishes even if no pool thread ever starts; it returns once every claimed item is done.
-void parallel_for(ffi::ThreadPool& pool, long items, const std::function<void(long)>& f) {
-  struct State {
-    std::atomic<long> next{0}, done{0};
-  };
-  auto state = std::make_shared<State>();
-  const long workers = std::min<long>(items, std::max<int64_t>(pool.num_threads(), 1)) - 1;
-  auto work = [state, items, &f] {
-    for (long i; (i = state->next.fetch_add(1)) < items;) {
-      f(i);
-      state->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  for (long w = 0; w < workers; ++w) {
-    pool.Schedule([state, items, work] {
-      if (state->next.load() < items) work();
-    });
-  }
-  work();
-  while (state->done.load(std::memory_order_acquire) < items) std::this_thread::yield();
-}
-
 ffi::Error check(const Dims& s, ffi::Buffer<ffi::F32>& bias, ffi::Buffer<ffi::PRED>& keep, float kept_scale) {
   if (bias.dimensions().size() != 2 || bias.dimensions()[0] != s.B || bias.dimensions()[1] != s.n)
     return ffi::Error::InvalidArgument("opera attention: bias must be [batch, n]");
@@ -356,7 +334,7 @@ ffi::Error AttentionForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::
   if (ffi::Error e = check(s, bias, keep, kept_scale); e.failure()) return e;
   const ForwardArgs a{q.typed_data(), k.typed_data(), v.typed_data(), bias.typed_data(), keep.typed_data(),
                       kept_scale, out->typed_data(), m->typed_data(), inv->typed_data()};
-  parallel_for(pool, s.B * s.H, [&](long i) { forward_head(s, a, i / s.H, i % s.H); });
+  opera::parallel_for(pool, s.B * s.H, [&](long i) { forward_head(s, a, i / s.H, i % s.H); });
 
   return ffi::Error::Success();
 }
@@ -375,7 +353,7 @@ ffi::Error AttentionBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi:
   const BackwardArgs a{q.typed_data(), k.typed_data(), v.typed_data(), g.typed_data(), bias.typed_data(),
                        m.typed_data(), inv.typed_data(), keep.typed_data(), kept_scale, dq->typed_data(),
                        dk->typed_data(), dv->typed_data(), dbias->typed_data()};
-  parallel_for(pool, s.B * s.H, [&](long i) { backward_head(s, a, i / s.H, i % s.H); });
+  opera::parallel_for(pool, s.B * s.H, [&](long i) { backward_head(s, a, i / s.H, i % s.H); });
 
   return ffi::Error::Success();
 }

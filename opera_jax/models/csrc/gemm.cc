@@ -14,12 +14,9 @@
 // Linked against MKL's LP64 interface and sequential layer (no OpenMP or TBB threads of its own).
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
-#include <functional>
-#include <memory>
-#include <thread>
 
+#include "parallel_for.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -33,28 +30,6 @@ namespace {
 
 constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
 constexpr long kMinRows = 64;  // no part smaller than this many result rows
-
-// Runs f(0) .. f(items - 1) on the calling thread and the XLA:CPU intra-op pool (as in attention.cc).
-void parallel_for(ffi::ThreadPool& pool, long items, const std::function<void(long)>& f) {
-  struct State {
-    std::atomic<long> next{0}, done{0};
-  };
-  auto state = std::make_shared<State>();
-  const long workers = std::min<long>(items, std::max<int64_t>(pool.num_threads(), 1)) - 1;
-  auto work = [state, items, &f] {
-    for (long i; (i = state->next.fetch_add(1)) < items;) {
-      f(i);
-      state->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  for (long w = 0; w < workers; ++w) {
-    pool.Schedule([state, items, work] {
-      if (state->next.load() < items) work();
-    });
-  }
-  work();
-  while (state->done.load(std::memory_order_acquire) < items) std::this_thread::yield();
-}
 
 ffi::Error Gemm(ffi::ThreadPool pool, F32 a, F32 b, int64_t ta, int64_t tb, ffi::ResultBuffer<ffi::F32> c) {
   auto ad = a.dimensions(), bd = b.dimensions(), cd = c->dimensions();
@@ -75,7 +50,7 @@ ffi::Error Gemm(ffi::ThreadPool pool, F32 a, F32 b, int64_t ta, int64_t tb, ffi:
   const long threads = std::max<int64_t>(pool.num_threads(), 1);
   const long parts = std::max<long>(1, std::min(threads, m / kMinRows));
   const long rows = (m + parts - 1) / parts;
-  parallel_for(pool, parts, [&](long p) {
+  opera::parallel_for(pool, parts, [&](long p) {
     const long r0 = p * rows, r1 = std::min(m, r0 + rows);
     if (r1 <= r0) return;
     // Rows r0.. of op(a): row r0 of a, or column r0 of a stored transposed.
