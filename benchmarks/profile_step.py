@@ -88,10 +88,10 @@ class Hlo:
     def flops(self, dot: str) -> tuple[int, str]:
         """``2 * output elements * contracted size`` of a dot line, and a label of its shapes."""
         if "opera_gemm" in dot:  # c = op(a) op(b), op a transpose where ta / tb = 1
-            m = re.match(r"\s*(?:ROOT )?%?[\w.\-]+ = (\S+?)(?:\{[^}]*\})? custom-call\(%?([\w.\-]+), %?([\w.\-]+)\)", dot)
+            m = re.match(r"\s*(?:ROOT )?%?[\w.\-]+ = (\S+?)(?:\{[^}]*\})? custom-call\(%?([\w.\-]+), %?([\w.\-]+)\)",
+                         dot)
             out, lhs, rhs = _dims(m.group(1)), _dims(self.shape[m.group(2)]), _dims(self.shape[m.group(3)])
-            ta = re.search(r"ta = (\d)", dot).group(1) == "1"
-            tb = re.search(r"tb = (\d)", dot).group(1) == "1"
+            ta, tb = (re.search(rf"\b{t} = (\d)", dot).group(1) == "1" for t in ("ta", "tb"))
             label = f"{lhs}{'^T' if ta else ''} x {rhs}{'^T' if tb else ''} -> {out} (MKL)"
             return 2 * math.prod(out) * (lhs[0] if ta else lhs[1]), label
         m = re.match(r"\s*(?:ROOT )?%?[\w.\-]+ = (\S+?)(?:\{[^}]*\})? dot\(%?([\w.\-]+), %?([\w.\-]+)\)", dot)
