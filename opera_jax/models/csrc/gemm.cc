@@ -5,8 +5,8 @@
 // below MKL for the weight gradients (both operands contracted over the tokens), and on two threads
 // Eigen runs `[tokens, 384] @ [384, 384]` on one of them (`benchmarks/README.md`). Here every product
 // is one MKL call per part, the parts (row blocks of the result, at most one per thread) taken by the
-// calling thread and the pool; each result row is computed by one call, in the same order whatever the
-// thread count.
+// calling thread and the pool. The same shapes and thread count give the same bits; another thread
+// count may change the last bits (MKL picks its kernel by the block's size).
 //
 //   c = op(a) op(b), row-major f32:  a [m, k] (ta = 0) or [k, m] (ta = 1);  b [k, n] (tb = 0) or [n, k]
 //   (tb = 1);  c [m, n].
