@@ -113,7 +113,7 @@ def test_sharded_kernel_runs_per_device_and_equals_one_device():
 
 
 def test_build_caches_the_library_and_reports_compiler_errors(tmp_path):
-    compiler = cpu_kernels.compiler()
+    compiler = cpu_kernels.find_compiler()
     lib = cpu_attention.build(compiler, tmp_path)
     assert lib.exists() and lib.parent == tmp_path
     mtime = os.stat(lib).st_mtime_ns
@@ -132,7 +132,7 @@ def test_a_changed_header_rebuilds_the_kernels(tmp_path):
     src.mkdir()
     for name in ("gemm.cc", "parallel_for.h"):
         shutil.copy(cpu_kernels.CSRC / name, src / name)
-    compiler = cpu_kernels.compiler()
+    compiler = cpu_kernels.find_compiler()
     first = cpu_kernels.build(src / "gemm.cc", compiler, tmp_path / "out")  # (MKL's symbols left unresolved)
     header = src / "parallel_for.h"
     header.write_text(header.read_text() + "\n// changed\n")

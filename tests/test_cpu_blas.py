@@ -42,8 +42,8 @@ def test_gemm_of_an_empty_contraction_is_zero():
 
 
 def _dense_grads_hlo(x, kernel, bias, g):
-    f = jax.jit(lambda x, k, b: jax.vjp(ops.dense, x, k, b)[1](g))
-    return f(x, kernel, bias), f.lower(x, kernel, bias).compile().as_text()
+    compiled = jax.jit(lambda x, k, b: jax.vjp(ops.dense, x, k, b)[1](g)).lower(x, kernel, bias).compile()
+    return compiled(x, kernel, bias), compiled.as_text()
 
 
 def test_dense_runs_its_three_products_through_mkl():

@@ -26,11 +26,7 @@ that mesh would run the custom call on gathered operands: correct, but not split
 
 from __future__ import annotations
 
-import ctypes
 import functools
-import logging
-import os
-import subprocess
 from pathlib import Path
 
 import jax
@@ -38,8 +34,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from opera_jax.models import cpu_kernels
-
-log = logging.getLogger(__name__)
 
 SOURCE = cpu_kernels.CSRC / "attention.cc"
 # pass -> (XLA custom-call target, the library's handler symbol)
@@ -58,18 +52,7 @@ def build(compiler: str, out_dir: Path) -> Path:
 @functools.cache
 def available() -> bool:
     """Whether the kernel is compiled (now, if needed), loaded and registered with XLA:CPU; once per process."""
-    compiler = cpu_kernels.compiler()
-    if compiler is None:
-        log.warning("opera-jax: no C++ compiler ($CXX, g++, c++): CPU attention runs as XLA ops (slower)")
-        return False
-    try:
-        lib = ctypes.cdll.LoadLibrary(str(build(compiler, cpu_kernels.cache_dir())))
-    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-        log.warning("opera-jax: the CPU attention kernel did not build (%s); attention runs as XLA ops", e)
-        return False
-    for target, symbol in TARGETS.values():
-        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
-    return True
+    return cpu_kernels.load(SOURCE, dict(TARGETS.values()), "CPU attention runs as XLA ops (slower)")
 
 
 def applies(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> bool:
@@ -81,7 +64,7 @@ def applies(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> bool:
     b, n = q.shape[:2]
     if bias.shape != (b, 1, 1, n) or any(x.dtype != jnp.float32 for x in (q, k, v, bias)):
         return False
-    return not cpu_kernels.is_disabled() and os.environ.get(ENV, "1") != "0" and available()
+    return cpu_kernels.wanted(ENV) and available()
 
 
 def _kept_scale(keep, rate: float) -> np.float32:

@@ -18,11 +18,8 @@ the devices with one ``psum``. Results equal XLA's dots to float rounding (``tes
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import logging
-import os
-import subprocess
 from importlib import metadata
 from pathlib import Path
 
@@ -64,27 +61,17 @@ def available() -> bool:
     if mkl is None:
         log.info("opera-jax: no MKL (the `mkl` extra): the dense layers' products run as XLA dots")
         return False
-    compiler = cpu_kernels.compiler()
-    if compiler is None:
-        log.warning("opera-jax: no C++ compiler ($CXX, g++, c++): the dense layers' products run as XLA dots")
-        return False
     libraries, version = mkl
     link = (*map(str, libraries), f"-Wl,-rpath,{libraries[0].parent}")
-    try:
-        path = cpu_kernels.build(SOURCE, compiler, cpu_kernels.cache_dir(), link, extra_key=f"mkl {version}")
-        lib = ctypes.cdll.LoadLibrary(str(path))
-    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-        log.warning("opera-jax: the MKL matmul kernel did not build (%s); products run as XLA dots", e)
-        return False
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(getattr(lib, SYMBOL)), platform="cpu")
-    return True
+    return cpu_kernels.load(SOURCE, {TARGET: SYMBOL}, "the dense layers' products run as XLA dots",
+                            link, extra_key=f"mkl {version}")
 
 
 def applies(*arrays: jax.Array) -> bool:
     """Whether the products of these operands go to MKL: f32 on CPU, MKL's kernel available, not turned off."""
     if jax.default_backend() != "cpu" or any(x.dtype != jnp.float32 for x in arrays):
         return False
-    return not cpu_kernels.is_disabled() and os.environ.get(ENV, "1") != "0" and available()
+    return cpu_kernels.wanted(ENV) and available()
 
 
 def _gemm(a: jax.Array, b: jax.Array, ta: bool, tb: bool) -> jax.Array:

@@ -12,7 +12,9 @@ from there.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
+import logging
 import os
 import platform
 import shutil
@@ -25,6 +27,8 @@ from jax.sharding import PartitionSpec as P
 from opera_jax.data import tokens
 from opera_jax.io_utils import atomic_path
 from opera_jax.sharding import BATCH_AXES, batch_mesh
+
+log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
@@ -44,8 +48,9 @@ def disabled():
         _disabled -= 1
 
 
-def is_disabled() -> bool:
-    return _disabled > 0
+def wanted(env: str) -> bool:
+    """Not inside :func:`disabled` and not turned off by the environment variable ``env`` (``"0"``)."""
+    return _disabled == 0 and os.environ.get(env, "1") != "0"
 
 
 def cache_dir() -> Path:
@@ -63,7 +68,7 @@ def _cpu_signature() -> str:
         return platform.processor() or platform.machine()
 
 
-def compiler() -> str | None:
+def find_compiler() -> str | None:
     return shutil.which(os.environ.get("CXX") or "g++") or shutil.which("c++")
 
 
@@ -90,6 +95,26 @@ def build(source: Path, compiler: str, out_dir: Path, link: tuple[str, ...] = ()
         if done.returncode:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
     return lib
+
+
+def load(source: Path, targets: dict[str, str], fallback: str, link: tuple[str, ...] = (),
+         extra_key: str = "") -> bool:
+    """Compile ``source`` (now, if needed, into :func:`cache_dir`), load it and register each
+    ``{XLA custom-call target: the library's handler symbol}`` with XLA:CPU. ``False``, after a
+    one-line warning that ends with ``fallback`` (what runs instead), where there is no C++
+    compiler or the kernel does not build."""
+    compiler = find_compiler()
+    if compiler is None:
+        log.warning("opera-jax: no C++ compiler ($CXX, g++, c++): %s", fallback)
+        return False
+    try:
+        lib = ctypes.cdll.LoadLibrary(str(build(source, compiler, cache_dir(), link, extra_key)))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        log.warning("opera-jax: %s did not build (%s): %s", source.name, e, fallback)
+        return False
+    for target, symbol in targets.items():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+    return True
 
 
 def per_device(fn, *args, whole: tuple[int, ...] = (), summed: bool = False):

@@ -22,14 +22,10 @@
 // same order whatever the thread count: results do not depend on it.
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
-#include <functional>
-#include <memory>
-#include <thread>
 
 #include "parallel_for.h"
 #include "xla/ffi/api/ffi.h"
