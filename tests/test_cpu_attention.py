@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from opera_jax.models import cpu_attention, cpu_kernels, ops
+from opera_jax.models import cpu_attention, cpu_blas, cpu_kernels, ops
 from opera_jax.sharding import BATCH_AXES, make_mesh
 
 
@@ -45,16 +45,28 @@ def _value_and_grads(fn, q, k, v, bias, keep, rate, g):
     return (out, *vjp(g))
 
 
+@pytest.fixture(params=["tiled", "mkl"])
+def products(request, monkeypatch):
+    """The kernel's products: its own tiled GEMM, or MKL's SGEMM (``cpu_blas``; skipped without MKL)."""
+    if request.param == "tiled":
+        monkeypatch.setenv(cpu_blas.ENV, "0")
+    elif cpu_blas.sgemm_address() is None:
+        pytest.skip("no MKL (the `mkl` extra)")
+    return request.param
+
+
 @pytest.mark.parametrize("b,n,h,d,rate,empty", [
     (2, 128, 12, 32, 0.0, False),  # MiniLM's heads at shape A's passage length
     (3, 37, 4, 20, 0.0, True),  # neither n nor d a multiple of 16 (padded buffers); an all-masked sequence
     (2, 64, 3, 64, 0.1, False),  # dropout
     (1, 5, 2, 8, 0.5, True),  # fewer keys than one vector
 ])
-def test_kernel_matches_xla_attention(b, n, h, d, rate, empty):
+def test_kernel_matches_xla_attention(b, n, h, d, rate, empty, products):
     ops_ = _operands(b, n, h, d, seed=n, rate=rate, empty=empty)
     want = _value_and_grads(_xla, *ops_[:5], rate, ops_[5])
     got = _value_and_grads(cpu_attention.attention, *ops_[:5], rate, ops_[5])
+    text = jax.jit(lambda q: cpu_attention.attention(q, *ops_[1:5], rate)).lower(ops_[0]).as_text()
+    assert f"blas = {int(products == 'mkl')} : i64" in text  # the products asked for
     for name, a, w in zip(("out", "dq", "dk", "dv", "dbias"), got, want):
         assert a.shape == w.shape, name
         scale = float(jnp.max(jnp.abs(w))) or 1.0

@@ -18,6 +18,7 @@ the devices with one ``psum``. Results equal XLA's dots to float rounding (``tes
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import logging
 from importlib import metadata
@@ -55,16 +56,28 @@ def mkl_libraries() -> tuple[list[Path], str] | None:
 
 
 @functools.cache
-def available() -> bool:
-    """Whether the MKL kernel is compiled (now, if needed), loaded and registered; once per process."""
+def _library() -> ctypes.CDLL | None:
+    """The MKL kernel, compiled (now, if needed), loaded and registered; once per process."""
     mkl = mkl_libraries()
     if mkl is None:
         log.info("opera-jax: no MKL (the `mkl` extra): the dense layers' products run as XLA dots")
-        return False
+        return None
     libraries, version = mkl
     link = (*map(str, libraries), f"-Wl,-rpath,{libraries[0].parent}")
     return cpu_kernels.load(SOURCE, {TARGET: SYMBOL}, "the dense layers' products run as XLA dots",
                             link, extra_key=f"mkl {version}")
+
+
+def available() -> bool:
+    """Whether the MKL kernel is compiled, loaded and registered (see :func:`_library`)."""
+    return _library() is not None
+
+
+def sgemm_address() -> int | None:
+    """The address of MKL's ``cblas_sgemm`` (LP64, sequential), as loaded with the kernel; ``None``
+    without it. The attention kernel runs its products through it (``cpu_attention.py``)."""
+    lib = _library()
+    return None if lib is None else ctypes.cast(lib.cblas_sgemm, ctypes.c_void_p).value
 
 
 def applies(*arrays: jax.Array) -> bool:

@@ -98,23 +98,23 @@ def build(source: Path, compiler: str, out_dir: Path, link: tuple[str, ...] = ()
 
 
 def load(source: Path, targets: dict[str, str], fallback: str, link: tuple[str, ...] = (),
-         extra_key: str = "") -> bool:
-    """Compile ``source`` (now, if needed, into :func:`cache_dir`), load it and register each
-    ``{XLA custom-call target: the library's handler symbol}`` with XLA:CPU. ``False``, after a
-    one-line warning that ends with ``fallback`` (what runs instead), where there is no C++
-    compiler or the kernel does not build."""
+         extra_key: str = "") -> ctypes.CDLL | None:
+    """Compile ``source`` (now, if needed, into :func:`cache_dir`), load it, register each
+    ``{XLA custom-call target: the library's handler symbol}`` with XLA:CPU and return the library.
+    ``None``, after a one-line warning that ends with ``fallback`` (what runs instead), where there
+    is no C++ compiler or the kernel does not build."""
     compiler = find_compiler()
     if compiler is None:
         log.warning("opera-jax: no C++ compiler ($CXX, g++, c++): %s", fallback)
-        return False
+        return None
     try:
         lib = ctypes.cdll.LoadLibrary(str(build(source, compiler, cache_dir(), link, extra_key)))
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         log.warning("opera-jax: %s did not build (%s): %s", source.name, e, fallback)
-        return False
+        return None
     for target, symbol in targets.items():
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
-    return True
+    return lib
 
 
 def per_device(fn, *args, whole: tuple[int, ...] = (), summed: bool = False):

@@ -15,11 +15,15 @@
 //   m, inv                       [B, H, n]        each query row's logit maximum and 1 / sum(exp)
 //   dbias                        [B, H, n]        the bias gradient before its sum over the heads
 //
-// Matrix products run through one register-tiled kernel written with GCC vector extensions (16 floats),
-// compiled with -march=native when first used (`cpu_attention.py`). Heads whose size is a multiple of 16
-// (all presets') are read and written in place; others go through zero-padded copies. Score rows are
-// padded to a multiple of 16 keys, the padding masked with -inf. Everything is computed in f32, in the
-// same order whatever the thread count: results do not depend on it.
+// Matrix products (attribute `blas` = 0) run through one register-tiled kernel written with GCC vector
+// extensions (16 floats), compiled with -march=native when first used (`cpu_attention.py`). Heads whose
+// size is a multiple of 16 (all presets') are read and written in place; others go through zero-padded
+// copies, and k and v are transposed into buffers where a product needs them so. With `blas` = 1 they are
+// calls of the SGEMM that `OperaAttentionUseSgemm` was given (MKL's, where the `mkl` extra is installed:
+// `cpu_blas.py`), which reads and writes every head in place, transposed or not: at n = 128 it ran these
+// products at about twice the tiled kernel's rate (`benchmarks/README.md`). Score rows are padded to a
+// multiple of 16 keys, the padding masked with -inf. Everything is computed in f32, each (sequence, head)
+// pair by one thread in a fixed order: results do not depend on the thread count.
 
 #include <algorithm>
 #include <cmath>
@@ -60,6 +64,24 @@ __attribute__((always_inline)) inline float hmax(v16 v) {
   return s;
 }
 __attribute__((always_inline)) inline long round16(long n) { return (n + W - 1) / W * W; }
+
+// A CBLAS SGEMM (row-major, LP64), set by OperaAttentionUseSgemm; calls with `blas` = 1 need it.
+using Sgemm = void (*)(int layout, int trans_a, int trans_b, int m, int n, int k, float alpha, const float* a,
+                       int lda, const float* b, int ldb, float beta, float* c, int ldc);
+Sgemm sgemm = nullptr;
+constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
+
+// C[M, N] (row stride ldc) = op(A) op(B) through `sgemm`, op the transpose where ta / tb say so.
+inline void blas(bool ta, bool tb, long M, long N, long K, const float* a, long lda, const float* b, long ldb,
+                 float* c, long ldc) {
+  sgemm(kRowMajor, ta ? kTrans : kNoTrans, tb ? kTrans : kNoTrans, M, N, K, 1.f, a, lda, b, ldb, 0.f, c, ldc);
+}
+
+// Columns n..np of the first `rows` rows of c (row stride np) set to 0 (what `blas` leaves unwritten).
+inline void zero_tail(float* c, long rows, long n, long np) {
+  if (n == np) return;
+  for (long i = 0; i < rows; ++i) std::fill(c + i * np + n, c + (i + 1) * np, 0.f);
+}
 
 // exp(x) for x <= 0 (softmax arguments): Cephes' expf polynomial on x - n ln 2, times 2^n; 0 below -87.3
 // (and for -inf), NaN stays NaN. Relative error ~2 ulp.
@@ -196,7 +218,9 @@ void drop_row(const Dims& s, const bool* keep_row, float scale, const float* p, 
   for (long j = s.n; j < s.np; ++j) out[j] = 0.f;
 }
 
-ffi::Error check(const Dims& s, ffi::Buffer<ffi::F32>& bias, ffi::Buffer<ffi::PRED>& keep, float kept_scale) {
+ffi::Error check(const Dims& s, ffi::Buffer<ffi::F32>& bias, ffi::Buffer<ffi::PRED>& keep, float kept_scale,
+                 int64_t blas) {
+  if (blas && sgemm == nullptr) return ffi::Error::InvalidArgument("opera attention: blas = 1 without an SGEMM");
   if (bias.dimensions().size() != 2 || bias.dimensions()[0] != s.B || bias.dimensions()[1] != s.n)
     return ffi::Error::InvalidArgument("opera attention: bias must be [batch, n]");
   if (kept_scale > 0.f && static_cast<long>(keep.element_count()) != s.B * s.H * s.n * s.n)
@@ -220,6 +244,7 @@ struct ForwardArgs {
   const float *Q, *K, *V, *bias;
   const bool* keep;
   float kept_scale;  // 0: no dropout
+  bool blas;         // products through `sgemm`
   float *O, *M, *I;
 };
 
@@ -227,6 +252,7 @@ struct BackwardArgs {
   const float *Q, *K, *V, *G, *bias, *M, *I;
   const bool* keep;
   float kept_scale;
+  bool blas;
   float *DQ, *DK, *DV, *DB;
 };
 
@@ -234,13 +260,18 @@ struct BackwardArgs {
 void forward_head(const Dims& s, const ForwardArgs& a, long b, long h) {
   thread_local Scratch sq, skt, sv, ss, so, sb;
   const long item = b * s.H + h, sz = s.np * s.dp;
-  long ldq, ldv, ldo;
-  float *ktb = skt.get(sz), *sc = ss.get(s.np * s.np), *bb = sb.get(s.np);
-  const float* q = head_in(s, a.Q, b, h, sq.get(sz), ldq);
-  const float* v = head_in(s, a.V, b, h, sv.get(sz), ldv);
-  head_transposed(s, a.K, b, h, ktb);
+  float *sc = ss.get(s.np * s.np), *bb = sb.get(s.np);
   bias_row(s, a.bias, b, bb);
-  gemm(s.n, s.np, s.dp, q, ldq, 1, ktb, s.np, sc, s.np);  // scores = q k^T
+  if (a.blas) {  // scores = q k^T
+    blas(false, true, s.n, s.n, s.d, head(s, a.Q, b, h), s.row(), head(s, a.K, b, h), s.row(), sc, s.np);
+    zero_tail(sc, s.n, s.n, s.np);
+  } else {
+    long ldq;
+    const float* q = head_in(s, a.Q, b, h, sq.get(sz), ldq);
+    float* ktb = skt.get(sz);
+    head_transposed(s, a.K, b, h, ktb);
+    gemm(s.n, s.np, s.dp, q, ldq, 1, ktb, s.np, sc, s.np);
+  }
   float *mrow = a.M + item * s.n, *irow = a.I + item * s.n;
   for (long i = 0; i < s.n; ++i) {  // softmax, row by row
     float* row = sc + i * s.np;
@@ -266,37 +297,58 @@ void forward_head(const Dims& s, const ForwardArgs& a, long b, long h) {
     mrow[i] = mi;
     irow[i] = ii;
   }
+  if (a.blas) {  // out = p v
+    blas(false, false, s.n, s.d, s.n, sc, s.np, head(s, a.V, b, h), s.row(), head(s, a.O, b, h), s.row());
+    return;
+  }
+  long ldv, ldo;
+  const float* v = head_in(s, a.V, b, h, sv.get(sz), ldv);
   float* o = head_out(s, a.O, b, h, so.get(sz), ldo);
-  gemm(s.n, s.dp, s.n, sc, s.np, 1, v, ldv, o, ldo);  // out = p v
+  gemm(s.n, s.dp, s.n, sc, s.np, 1, v, ldv, o, ldo);
   head_out_done(s, o, b, h, a.O);
 }
 
 // The backward pass of head h of sequence b.
 void backward_head(const Dims& s, const BackwardArgs& a, long b, long h) {
   thread_local Scratch sq, sk, skt, svt, sg, sp, spd, sds, so, sb, scol;
-  const long item = b * s.H + h, sz = s.np * s.dp, full = s.np * s.np;
+  const long item = b * s.H + h, sz = s.np * s.dp, full = s.np * s.np, row_ = s.row();
   const bool dropout = a.kept_scale > 0.f;
-  long ldq, ldk, ldg, ldo;
-  float *ktb = skt.get(sz), *vtb = svt.get(sz), *p = sp.get(full), *ds = sds.get(full), *bb = sb.get(s.np);
+  long ldq = row_, ldk = row_, ldg = row_, ldo;
+  float *p = sp.get(full), *ds = sds.get(full), *bb = sb.get(s.np);
   float *pd = dropout ? spd.get(full) : p, *col = scol.get(s.np);
-  const float* q = head_in(s, a.Q, b, h, sq.get(sz), ldq);
-  const float* k = head_in(s, a.K, b, h, sk.get(sz), ldk);
-  const float* g = head_in(s, a.G, b, h, sg.get(sz), ldg);
-  head_transposed(s, a.K, b, h, ktb);
-  head_transposed(s, a.V, b, h, vtb);
+  const float *q = head(s, a.Q, b, h), *k = head(s, a.K, b, h), *g = head(s, a.G, b, h), *v = head(s, a.V, b, h);
+  float *ktb = nullptr, *vtb = nullptr;
+  if (!a.blas) {
+    q = head_in(s, a.Q, b, h, sq.get(sz), ldq);
+    k = head_in(s, a.K, b, h, sk.get(sz), ldk);
+    g = head_in(s, a.G, b, h, sg.get(sz), ldg);
+    head_transposed(s, a.K, b, h, ktb = skt.get(sz));
+    head_transposed(s, a.V, b, h, vtb = svt.get(sz));
+  }
   bias_row(s, a.bias, b, bb);
   const float *mrow = a.M + item * s.n, *irow = a.I + item * s.n;
-  gemm(s.n, s.np, s.dp, q, ldq, 1, ktb, s.np, p, s.np);  // the scores again
+  if (a.blas) {  // the scores again
+    blas(false, true, s.n, s.n, s.d, q, ldq, k, ldk, p, s.np);
+    zero_tail(p, s.n, s.n, s.np);
+  } else {
+    gemm(s.n, s.np, s.dp, q, ldq, 1, ktb, s.np, p, s.np);
+  }
   for (long i = 0; i < s.n; ++i) {  // the probabilities from the saved row statistics
     float* row = p + i * s.np;
     const float mi = mrow[i], ii = irow[i];
     for (long j = 0; j < s.np; j += W) store(row + j, exp_nonpositive(load(row + j) + load(bb + j) - mi) * ii);
     if (dropout) drop_row(s, a.keep + (item * s.n + i) * s.n, a.kept_scale, row, pd + i * s.np);
   }
-  float* dv = head_out(s, a.DV, b, h, so.get(sz), ldo);
-  gemm(s.n, s.dp, s.n, pd, 1, s.np, g, ldg, dv, ldo);  // dv = p_dropped^T g
-  head_out_done(s, dv, b, h, a.DV);
-  gemm(s.n, s.np, s.dp, g, ldg, 1, vtb, s.np, ds, s.np);  // dp = g v^T
+  if (a.blas) {  // dv = p_dropped^T g; dp = g v^T
+    blas(true, false, s.n, s.d, s.n, pd, s.np, g, ldg, head(s, a.DV, b, h), row_);
+    blas(false, true, s.n, s.n, s.d, g, ldg, v, row_, ds, s.np);
+    zero_tail(ds, s.n, s.n, s.np);
+  } else {
+    float* dv = head_out(s, a.DV, b, h, so.get(sz), ldo);
+    gemm(s.n, s.dp, s.n, pd, 1, s.np, g, ldg, dv, ldo);
+    head_out_done(s, dv, b, h, a.DV);
+    gemm(s.n, s.np, s.dp, g, ldg, 1, vtb, s.np, ds, s.np);
+  }
   std::memset(col, 0, sizeof(float) * s.np);
   for (long i = 0; i < s.n; ++i) {  // ds = p * (dp - sum_j p dp), dropout's mask and scale on dp first
     float* row = ds + i * s.np;
@@ -312,6 +364,11 @@ void backward_head(const Dims& s, const BackwardArgs& a, long b, long h) {
     }
   }
   std::memcpy(a.DB + item * s.n, col, sizeof(float) * s.n);
+  if (a.blas) {  // dq = ds k; dk = ds^T q
+    blas(false, false, s.n, s.d, s.n, ds, s.np, k, ldk, head(s, a.DQ, b, h), row_);
+    blas(true, false, s.n, s.d, s.n, ds, s.np, q, ldq, head(s, a.DK, b, h), row_);
+    return;
+  }
   float* dq = head_out(s, a.DQ, b, h, so.get(sz), ldo);
   gemm(s.n, s.dp, s.n, ds, s.np, 1, k, ldk, dq, ldo);  // dq = ds k
   head_out_done(s, dq, b, h, a.DQ);
@@ -322,14 +379,14 @@ void backward_head(const Dims& s, const BackwardArgs& a, long b, long h) {
 
 ffi::Error AttentionForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                             ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::PRED> keep,
-                            float kept_scale, ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> m,
+                            float kept_scale, int64_t blas, ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> m,
                             ffi::ResultBuffer<ffi::F32> inv) {
   if (q.dimensions().size() != 4 || !same_shape(q, k) || !same_shape(q, v))
     return ffi::Error::InvalidArgument("opera attention: q, k, v must be equal [batch, n, heads, head_dim]");
   const Dims s = dims_of(q);
-  if (ffi::Error e = check(s, bias, keep, kept_scale); e.failure()) return e;
+  if (ffi::Error e = check(s, bias, keep, kept_scale, blas); e.failure()) return e;
   const ForwardArgs a{q.typed_data(), k.typed_data(), v.typed_data(), bias.typed_data(), keep.typed_data(),
-                      kept_scale, out->typed_data(), m->typed_data(), inv->typed_data()};
+                      kept_scale, blas != 0, out->typed_data(), m->typed_data(), inv->typed_data()};
   opera::parallel_for(pool, s.B * s.H, [&](long i) { forward_head(s, a, i / s.H, i % s.H); });
 
   return ffi::Error::Success();
@@ -338,16 +395,16 @@ ffi::Error AttentionForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::
 ffi::Error AttentionBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                              ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::PRED> keep,
                              ffi::Buffer<ffi::F32> m, ffi::Buffer<ffi::F32> inv, ffi::Buffer<ffi::F32> g,
-                             float kept_scale, ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
+                             float kept_scale, int64_t blas, ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
                              ffi::ResultBuffer<ffi::F32> dv, ffi::ResultBuffer<ffi::F32> dbias) {
   if (q.dimensions().size() != 4 || !same_shape(q, k) || !same_shape(q, v) || !same_shape(q, g))
     return ffi::Error::InvalidArgument("opera attention: q, k, v, g must be equal [batch, n, heads, head_dim]");
   const Dims s = dims_of(q);
-  if (ffi::Error e = check(s, bias, keep, kept_scale); e.failure()) return e;
+  if (ffi::Error e = check(s, bias, keep, kept_scale, blas); e.failure()) return e;
   if (static_cast<long>(m.element_count()) != s.B * s.H * s.n || m.element_count() != inv.element_count())
     return ffi::Error::InvalidArgument("opera attention: m, inv must be [batch, heads, n]");
   const BackwardArgs a{q.typed_data(), k.typed_data(), v.typed_data(), g.typed_data(), bias.typed_data(),
-                       m.typed_data(), inv.typed_data(), keep.typed_data(), kept_scale, dq->typed_data(),
+                       m.typed_data(), inv.typed_data(), keep.typed_data(), kept_scale, blas != 0, dq->typed_data(),
                        dk->typed_data(), dv->typed_data(), dbias->typed_data()};
   opera::parallel_for(pool, s.B * s.H, [&](long i) { backward_head(s, a, i / s.H, i % s.H); });
 
@@ -364,9 +421,14 @@ auto bind_inputs() {
 
 // Results: out, m, inv.
 XLA_FFI_DEFINE_HANDLER_SYMBOL(OperaAttentionForward, AttentionForward,
-                              bind_inputs().Attr<float>("kept_scale").Ret<F32>().Ret<F32>().Ret<F32>());
+                              bind_inputs().Attr<float>("kept_scale").Attr<int64_t>("blas").Ret<F32>().Ret<F32>().Ret<F32>());
 
 // Further operands: m, inv, g; results: dq, dk, dv, dbias.
 XLA_FFI_DEFINE_HANDLER_SYMBOL(OperaAttentionBackward, AttentionBackward,
-                              bind_inputs().Arg<F32>().Arg<F32>().Arg<F32>().Attr<float>("kept_scale")
+                              bind_inputs().Arg<F32>().Arg<F32>().Arg<F32>().Attr<float>("kept_scale").Attr<int64_t>("blas")
                                   .Ret<F32>().Ret<F32>().Ret<F32>().Ret<F32>());
+
+// Where the products of calls with `blas` = 1 go: a CBLAS `cblas_sgemm` (cpu_attention.py passes MKL's).
+extern "C" __attribute__((visibility("default"))) void OperaAttentionUseSgemm(void* fn) {
+  sgemm = reinterpret_cast<Sgemm>(fn);
+}
