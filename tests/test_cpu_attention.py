@@ -73,6 +73,34 @@ def test_kernel_matches_xla_attention(b, n, h, d, rate, empty, products):
         np.testing.assert_allclose(a, w, atol=1e-5 * scale, rtol=1e-5, err_msg=name)
 
 
+@pytest.mark.parametrize("b,n,h,d,rate", [(2, 40, 3, 32, 0.0), (3, 37, 4, 20, 0.2)])
+def test_kernel_takes_the_projection_biases_and_the_scale(b, n, h, d, rate, products):
+    """attention(q, k, v, biases, scale) equals the attention of (q + bq) * scale, k + bk, v + bv, values
+    and gradients (the biases' included; bk's is 0, as the softmax ignores a per-query shift)."""
+    q, k, v, bias, keep, g = _operands(b, n, h, d, seed=7, rate=rate, empty=True)
+    rng = np.random.default_rng(8)
+    biases = tuple(jnp.asarray(rng.normal(size=h * d).astype(np.float32)) for _ in range(3))
+    scale = 0.37
+
+    def kernel(q, k, v, bq, bk, bv):
+        return cpu_attention.attention(q, k, v, bias, keep, rate, (bq, bk, bv), scale)
+
+    def reference(q, k, v, bq, bk, bv):
+        add = lambda x, b_: x + b_.reshape(h, d)
+        return _xla(add(q, bq) * scale, add(k, bk), add(v, bv), bias, keep, rate)
+
+    for fn in (kernel, reference):
+        out, vjp = jax.vjp(jax.jit(fn), q, k, v, *biases)
+        got = (out, *vjp(g))
+        if fn is kernel:
+            mine = got
+    for name, a, w in zip(("out", "dq", "dk", "dv", "dbq", "dbk", "dbv"), mine, got):
+        # (bk's reference gradient is float noise: measured on dbq's scale)
+        scale_ = float(jnp.max(jnp.abs(got[4] if name == "dbk" else w)))
+        np.testing.assert_allclose(a, w, atol=2e-5 * scale_, rtol=1e-5, err_msg=name)
+    assert not np.any(mine[5])  # bk's gradient
+
+
 def test_kernel_is_deterministic_and_model_dispatches_to_it():
     q, k, v, bias, keep, g = _operands(2, 48, 3, 32, seed=1)
     first = _value_and_grads(cpu_attention.attention, q, k, v, bias, keep, 0.0, g)

@@ -149,10 +149,7 @@ class BertAttention(nnx.Module):
     def __call__(self, h: jax.Array, bias: jax.Array) -> jax.Array:
         b, n, d = h.shape
         split = lambda x: x.reshape(b, n, self.num_heads, d // self.num_heads)  # [b, n, heads, head_dim]
-        # The 1/sqrt(head_dim) scale goes on q ([b, n, h, dh]), not on the logits
-        # ([b, h, n, n]): XLA:CPU fuses a logits-side scale into the attention
-        # matmul as a materialised full-size broadcast operand.
-        scale = jnp.asarray(1.0 / (d // self.num_heads) ** 0.5, h.dtype)
+        scale = 1.0 / (d // self.num_heads) ** 0.5
         if ops.PLAIN:
             heads = lambda x: split(x).transpose(0, 2, 1, 3)  # [b, heads, n, head_dim]
             q, k, v = heads(self.query(h)), heads(self.key(h)), heads(self.value(h))
@@ -160,10 +157,13 @@ class BertAttention(nnx.Module):
             ctx = self.attn_dropout(jax.nn.softmax(logits + bias, axis=-1).astype(v.dtype)) @ v
             ctx = ctx.transpose(0, 2, 1, 3)
         else:
-            q = split(_apply_linear(self.query, h) * scale)
-            k, v = split(_apply_linear(self.key, h)), split(_apply_linear(self.value, h))
+            # The projections without their biases: the attention takes those, and the 1/sqrt(head_dim)
+            # scale, itself (on CPU inside its kernel, saving a pass over q, k and v each).
+            projections = [_weights(x) for x in (self.query, self.key, self.value)]
+            q, k, v = (split(ops.dense(h.astype(self.query.dtype), w, None)) for w, _ in projections)
             keep = _keep_mask(self.attn_dropout, (b, self.num_heads, n, n), q)
-            ctx = ops.multi_head_attention(q, k, v, bias, keep, self.attn_dropout.rate)  # f32 softmax
+            ctx = ops.multi_head_attention(q, k, v, bias, keep, self.attn_dropout.rate,  # f32 softmax
+                                           qkv_bias=tuple(bias_ for _, bias_ in projections), scale=scale)
         return _apply_norm(self.norm, h + self.dropout(_apply_linear(self.out, ctx.reshape(b, n, d))))
 
 

@@ -9,7 +9,10 @@ one (sequence, head) pair at a time, its ``[n, n]`` scores in a per-thread buffe
 (64 KB at n = 128, in cache), reads and writes the ``[batch, n, heads,
 head_dim]`` layout directly, and recomputes the probabilities in the backward
 pass from the saved row maxima and reciprocal row sums, as ``ops.attention`` does.
-Pairs are spread over XLA:CPU's intra-op threads. Where the dense layers' products go to
+It takes the q, k, v projections without their biases, and the biases and the
+logits' scale as operands: adding a bias to q, k and v would be a pass over each in
+memory, one elementwise op per projection per layer (``attention``'s docstring says
+how the kernel does without). Pairs are spread over XLA:CPU's intra-op threads. Where the dense layers' products go to
 MKL (``cpu_blas.py``: the ``mkl`` extra, not turned off), so do the kernel's: MKL's SGEMM
 reads each head in place, transposed or not, and ran them at about twice the rate of the
 kernel's own tiled GEMM at n = 128 (the attention as a whole, forward and backward, ~15%
@@ -92,62 +95,76 @@ def _kept_scale(keep, rate: float) -> np.float32:
     return np.float32(0.0 if keep is None or rate == 0.0 else 1.0 / (1.0 - rate))
 
 
-def _kernel(kind, result_shapes, keep, rate, q, k, v, bias2, *rest):
-    """The ``kind`` kernel on ``q, k, v, bias2``, the keep-mask, then ``rest`` (each with the batch
-    leading), per device; ``result_shapes(local_batch)`` gives its results' shapes."""
-    kept_scale, blas = _kept_scale(keep, rate), np.int64(_blas(q))
+def _kernel(kind, result_shapes, keep, rate, scale, bq, bv, q, k, v, bias2, *rest):
+    """The ``kind`` kernel on ``q, k, v, bias2``, the keep-mask, the biases ``bq, bv``, then ``rest``
+    (each but the biases with the batch leading), per device; ``result_shapes(local_batch)`` gives its
+    results' shapes."""
+    attrs = dict(kept_scale=_kept_scale(keep, rate), scale=np.float32(scale), blas=np.int64(_blas(q)))
+    masked = keep is not None
 
     def call(q, k, v, bias2, *xs):
-        mask, xs = (xs[0], xs[1:]) if keep is not None else (jnp.ones((1,), jnp.bool_), xs)  # unread without dropout
+        *xs, bq, bv = xs
+        mask, xs = (xs[0], xs[1:]) if masked else (jnp.ones((1,), jnp.bool_), xs)  # unread without dropout
         fn = jax.ffi.ffi_call(TARGETS[kind][0], result_shapes(q.shape[0]), vmap_method="sequential")
-        return fn(q, k, v, bias2, mask, *xs, kept_scale=kept_scale, blas=blas)
+        return fn(q, k, v, bias2, mask, bq, bv, *xs, **attrs)
 
-    return cpu_kernels.per_device(call, q, k, v, bias2, *(() if keep is None else (keep,)), *rest)
+    args = (q, k, v, bias2, *((keep,) if masked else ()), *rest, bq, bv)
+    return cpu_kernels.per_device(call, *args, whole=(len(args) - 2, len(args) - 1))
 
 
-def _forward(q, k, v, bias2, keep, rate):
+def _forward(q, k, v, bias2, keep, bq, bv, rate, scale):
     """``(out, m, inv)``: the attention and each query row's logit maximum and reciprocal exp-sum."""
     _, n, h, d = q.shape
     rows = lambda b: jax.ShapeDtypeStruct((b, h, n), jnp.float32)
     shapes = lambda b: (jax.ShapeDtypeStruct((b, n, h, d), jnp.float32), rows(b), rows(b))
-    return _kernel("forward", shapes, keep, rate, q, k, v, bias2)
+    return _kernel("forward", shapes, keep, rate, scale, bq, bv, q, k, v, bias2)
 
 
-def _backward(q, k, v, bias2, keep, m, inv, g, rate):
+def _backward(q, k, v, bias2, keep, bq, bv, m, inv, g, rate, scale):
     """``(dq, dk, dv, dbias per head [b, heads, n])``."""
     _, n, h, d = q.shape
     shapes = lambda b: (jax.ShapeDtypeStruct((b, n, h, d), jnp.float32),) * 3 + (
         jax.ShapeDtypeStruct((b, h, n), jnp.float32),)
-    return _kernel("backward", shapes, keep, rate, q, k, v, bias2, m, inv, g)
+    return _kernel("backward", shapes, keep, rate, scale, bq, bv, q, k, v, bias2, m, inv, g)
 
 
-def _attention_core(q, k, v, bias, keep, rate):
-    return _forward(q, k, v, bias.reshape(bias.shape[0], -1), keep, rate)[0]
+def _attention_core(q, k, v, bias, keep, bq, bv, rate, scale):
+    return _forward(q, k, v, bias.reshape(bias.shape[0], -1), keep, bq, bv, rate, scale)[0]
 
 
-_attention = jax.custom_vjp(_attention_core, nondiff_argnums=(5,))
+_attention = jax.custom_vjp(_attention_core, nondiff_argnums=(7, 8))
 
 
-def _attention_fwd(q, k, v, bias, keep, rate):
-    out, m, inv = _forward(q, k, v, bias.reshape(bias.shape[0], -1), keep, rate)
-    return out, (q, k, v, bias, keep, m, inv)
+def _attention_fwd(q, k, v, bias, keep, bq, bv, rate, scale):
+    out, m, inv = _forward(q, k, v, bias.reshape(bias.shape[0], -1), keep, bq, bv, rate, scale)
+    return out, (q, k, v, bias, keep, bq, bv, m, inv)
 
 
-def _attention_bwd(rate, res, g):
-    q, k, v, bias, keep, m, inv = res
-    dq, dk, dv, dbias = _backward(q, k, v, bias.reshape(bias.shape[0], -1), keep, m, inv, g, rate)
-    return dq, dk, dv, dbias.sum(1).reshape(bias.shape), None
+def _attention_bwd(rate, scale, res, g):
+    q, k, v, bias, keep, bq, bv, m, inv = res
+    dq, dk, dv, dbias = _backward(q, k, v, bias.reshape(bias.shape[0], -1), keep, bq, bv, m, inv, g, rate, scale)
+    tokens = lambda x: x.sum((0, 1)).reshape(-1)  # a bias's gradient: its projection's, summed over the tokens
+    return dq, dk, dv, dbias.sum(1).reshape(bias.shape), None, tokens(dq), tokens(dv)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array,
-              keep: jax.Array | None = None, rate: float = 0.0) -> jax.Array:
-    """``dropout(softmax(q k^T + bias)) v`` per head for ``[b, n, heads, head_dim]`` f32 ``q`` (already
-    scaled), ``k``, ``v`` and a ``[b, 1, 1, n]`` key bias; ``keep``: dropout's ``[b, heads, n, n]``
-    keep-mask (``None``: no dropout). Returns ``[b, n, heads, head_dim]``. Only where
-    :func:`applies` says so."""
+              keep: jax.Array | None = None, rate: float = 0.0,
+              qkv_bias: tuple[jax.Array, jax.Array, jax.Array] | None = None, scale: float = 1.0) -> jax.Array:
+    """``dropout(softmax(scale (q + bq)(k + bk)^T + bias)) (v + bv)`` per head for ``[b, n, heads,
+    head_dim]`` f32 ``q``, ``k``, ``v``, the projections' biases ``qkv_bias = (bq, bk, bv)`` (each
+    ``[heads * head_dim]``; ``None``: none) and a ``[b, 1, 1, n]`` key bias; ``keep``: dropout's
+    ``[b, heads, n, n]`` keep-mask (``None``: no dropout). Returns ``[b, n, heads, head_dim]``.
+
+    The biases are not added to q, k and v (each a pass over memory) but taken inside the kernel
+    (``csrc/attention.cc``): the key bias shifts each query's logits by one constant, which the
+    softmax ignores, so ``bk``'s gradient is 0. Only where :func:`applies` says so."""
     if not available():
         raise RuntimeError("the CPU attention kernel is not available (see the log's warning)")
-    return _attention(q, k, v, bias, keep, rate)
+    if qkv_bias is None:
+        bq = bv = jnp.zeros((q.shape[2] * q.shape[3],), jnp.float32)
+    else:
+        bq, _, bv = qkv_bias
+    return _attention(q, k, v, bias, keep, bq, bv, rate, scale)

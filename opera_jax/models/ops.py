@@ -134,16 +134,26 @@ def _lone_dot(y):
         y, cpu=lambda y: jax.lax.reduce_precision(y, exponent_bits=8, mantissa_bits=23), default=lambda y: y)
 
 
+def _plain_product(a, kernel):
+    """``a @ kernel`` over the last axis as XLA's dot (kept a lone dot on XLA:CPU)."""
+    return _lone_dot(jax.lax.dot_general(a, kernel, (((a.ndim - 1,), (0,)), ((), ()))))
+
+
 def _plain_dense(a, kernel, bias):
-    """``a @ kernel + bias`` over the last axis as XLA's dot (kept a lone dot on XLA:CPU)."""
-    return _lone_dot(jax.lax.dot_general(a, kernel, (((a.ndim - 1,), (0,)), ((), ())))) + bias
+    """``a @ kernel + bias`` (``bias`` ``None``: none) through :func:`_plain_product`."""
+    y = _plain_product(a, kernel)
+    return y if bias is None else y + bias
+
+
+def _product(a, kernel):
+    """:func:`_plain_product`, through MKL on CPU where it is installed (``cpu_blas.py``)."""
+    if cpu_blas.applies(a, kernel):
+        return cpu_blas.matmul(_rows(a), kernel).reshape(*a.shape[:-1], kernel.shape[1])
+    return _plain_product(a, kernel)
 
 
 def _dense(a, kernel, bias):
-    """:func:`_plain_dense`, its product through MKL on CPU where it is installed (``cpu_blas.py``)."""
-    if cpu_blas.applies(a, kernel):
-        return cpu_blas.matmul(_rows(a), kernel).reshape(*a.shape[:-1], kernel.shape[1]) + bias
-    return _plain_dense(a, kernel, bias)
+    return _product(a, kernel) + bias
 
 
 def _rows(a):
@@ -194,11 +204,30 @@ def _dense_bwd(res, g):
 _dense_op.defvjp(_dense_fwd, _dense_bwd)
 
 
-def dense(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
-    """``x @ kernel + bias`` over the last axis. Its backward pass contracts the weight
-    gradient over the tokens directly (``x^T g``); autodiff of the plain dot has XLA:CPU
-    materialise ``g^T`` and run ``x^T (g^T)^T``, at about half the FLOP rate."""
-    return _plain_dense(x, kernel, bias) if PLAIN else _dense_op(x, kernel, bias)
+@jax.custom_vjp
+def _product_op(x, kernel):
+    return _product(x, kernel)
+
+
+def _product_fwd(x, kernel):
+    return _product(x, kernel), (x, kernel)
+
+
+def _product_bwd(res, g):
+    dx, dkernel, _ = _dense_bwd(res, g)  # (the bias gradient's sum is left unused)
+    return dx, dkernel
+
+
+_product_op.defvjp(_product_fwd, _product_bwd)
+
+
+def dense(x: jax.Array, kernel: jax.Array, bias: jax.Array | None) -> jax.Array:
+    """``x @ kernel + bias`` over the last axis (``bias`` ``None``: the product alone). Its backward
+    pass contracts the weight gradient over the tokens directly (``x^T g``); autodiff of the plain
+    dot has XLA:CPU materialise ``g^T`` and run ``x^T (g^T)^T``, at about half the FLOP rate."""
+    if PLAIN:
+        return _plain_dense(x, kernel, bias)
+    return _product_op(x, kernel) if bias is None else _dense_op(x, kernel, bias)
 
 
 # ---------------------------------------------------------------- GELU, then a dense layer
@@ -321,13 +350,21 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array,
 
 
 def multi_head_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array,
-                         keep: jax.Array | None = None, rate: float = 0.0) -> jax.Array:
-    """:func:`attention` for ``[b, n, heads, head_dim]`` q, k, v (the projections' own layout), returning
-    ``[b, n, heads, head_dim]``; ``keep`` stays ``[b, heads, n, n]``. On CPU (f32, key-padding bias)
-    one C++ kernel per pass (``cpu_attention.py``) that reads and writes this layout; elsewhere
-    :func:`attention` between head transposes."""
+                         keep: jax.Array | None = None, rate: float = 0.0,
+                         qkv_bias: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+                         scale: float = 1.0) -> jax.Array:
+    """:func:`attention` of ``(q + bq) * scale``, ``k + bk`` and ``v + bv`` for ``[b, n, heads, head_dim]``
+    q, k, v (the projections' own layout, without their biases ``qkv_bias = (bq, bk, bv)``, each
+    ``[heads * head_dim]``; ``None``: none), returning ``[b, n, heads, head_dim]``; ``keep`` stays
+    ``[b, heads, n, n]``. On CPU (f32, key-padding bias) one C++ kernel per pass
+    (``cpu_attention.py``) that reads and writes this layout and takes the biases and the scale
+    itself; elsewhere :func:`attention` between head transposes."""
     if not PLAIN and cpu_attention.applies(q, k, v, bias):
-        return cpu_attention.attention(q, k, v, bias, keep, rate)
+        return cpu_attention.attention(q, k, v, bias, keep, rate, qkv_bias, scale)
+    if qkv_bias is not None:
+        q, k, v = (x + b.reshape(x.shape[2:]).astype(x.dtype) for x, b in zip((q, k, v), qkv_bias))
+    if scale != 1.0:
+        q = q * scale
     # Explicit transposes and batched matmuls: on XLA:CPU 2.6x faster than the equivalent
     # einsums ("bqhd,bkhd->bhqk"), whose layout changes are not fused with the dots.
     t = lambda x: x.transpose(0, 2, 1, 3)

@@ -8,13 +8,21 @@
 // reciprocal row sums, as `ops.attention` does. The Python side is `cpu_attention.py`; the
 // independent reference the tests compare with is `ops.attention`.
 //
-// Arrays (f32; `kept_scale` = 1 / (1 - rate) with dropout, 0 without):
-//   q, k, v, out, g, dq, dk, dv  [B, n, H, d]     (q already scaled by 1/sqrt(d))
+// Arrays (f32; `kept_scale` = 1 / (1 - rate) with dropout, 0 without; `scale` the logits' factor):
+//   q, k, v, out, g, dq, dk, dv  [B, n, H, d]     the projections without their biases
+//   bq, bv                       [H * d]          the query and value projections' biases
 //   bias                         [B, n]           additive key bias (the padding mask)
 //   keep                         [B, H, n, n]     dropout's keep-mask (1 entry, unread, without dropout)
 //   m, inv                       [B, H, n]        each query row's logit maximum and 1 / sum(exp)
 //   dbias                        [B, H, n]        the bias gradient before its sum over the heads
 //
+// The attention of the biased projections, softmax(scale (q + bq)(k + bk)^T + bias) (v + bv), without a
+// pass over q, k and v in memory to add their biases: each head's q + bq and v + bv are formed in a
+// per-thread buffer, and the key bias is left out: (q_i + bq).(k_j + bk) = (q_i + bq).k_j + (q_i + bq).bk,
+// and the second term, the same for every key j, is one the softmax ignores (bk's gradient is 0). The
+// scale multiplies the scores as the softmax reads them. dq, dk, dv are the gradients of the biased
+// projections (q + bq, ...), so the biases' are their sums over the tokens.
+
 // Matrix products (attribute `blas` = 0) run through one register-tiled kernel written with GCC vector
 // extensions (16 floats), compiled with -march=native when first used (`cpu_attention.py`). Heads whose
 // size is a multiple of 16 (all presets') are read and written in place; others go through zero-padded
@@ -30,6 +38,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <utility>
 
 #include "parallel_for.h"
 #include "xla/ffi/api/ffi.h"
@@ -218,8 +227,34 @@ void drop_row(const Dims& s, const bool* keep_row, float scale, const float* p, 
   for (long j = s.n; j < s.np; ++j) out[j] = 0.f;
 }
 
+// Head h of sequence b of a [B, n, H, d] array plus `vec`'s head h (a projection's bias), into `buf` as an
+// [n, dp] matrix, zero-padded (row stride dp).
+const float* head_biased(const Dims& s, const float* x, const float* vec, long b, long h, float* buf) {
+  const float* base = head(s, x, b, h);
+  const float* bh = vec + h * s.d;
+  const long row = s.row(), d = s.d, dp = s.dp;
+  for (long i = 0; i < s.n; ++i) {
+    float* out = buf + i * dp;
+    const float* in = base + i * row;
+    long c = 0;
+    for (; c + W <= d; c += W) store(out + c, load(in + c) + load(bh + c));
+    for (; c < d; ++c) out[c] = in[c] + bh[c];
+    for (; c < dp; ++c) out[c] = 0.f;
+  }
+  return buf;
+}
+
+// An [n, dp] matrix (row stride dp) transposed into a [dp, np] buffer, zero-padded.
+void transposed(const Dims& s, const float* x, float* out) {
+  std::memset(out, 0, sizeof(float) * s.np * s.dp);
+  for (long i = 0; i < s.n; ++i)
+    for (long c = 0; c < s.d; ++c) out[c * s.np + i] = x[i * s.dp + c];
+}
+
 ffi::Error check(const Dims& s, ffi::Buffer<ffi::F32>& bias, ffi::Buffer<ffi::PRED>& keep, float kept_scale,
-                 int64_t blas) {
+                 int64_t blas, ffi::Buffer<ffi::F32>& bq, ffi::Buffer<ffi::F32>& bv) {
+  if (static_cast<long>(bq.element_count()) != s.H * s.d || static_cast<long>(bv.element_count()) != s.H * s.d)
+    return ffi::Error::InvalidArgument("opera attention: bq and bv must have heads * head_dim entries");
   if (blas && sgemm == nullptr) return ffi::Error::InvalidArgument("opera attention: blas = 1 without an SGEMM");
   if (bias.dimensions().size() != 2 || bias.dimensions()[0] != s.B || bias.dimensions()[1] != s.n)
     return ffi::Error::InvalidArgument("opera attention: bias must be [batch, n]");
@@ -241,17 +276,18 @@ bool same_shape(ffi::Buffer<ffi::F32>& a, ffi::Buffer<ffi::F32>& b) {
 
 // One call's arrays (see the top of the file).
 struct ForwardArgs {
-  const float *Q, *K, *V, *bias;
+  const float *Q, *K, *V, *bias, *BQ, *BV;
   const bool* keep;
   float kept_scale;  // 0: no dropout
+  float scale;       // the logits' factor
   bool blas;         // products through `sgemm`
   float *O, *M, *I;
 };
 
 struct BackwardArgs {
-  const float *Q, *K, *V, *G, *bias, *M, *I;
+  const float *Q, *K, *V, *G, *bias, *BQ, *BV, *M, *I;
   const bool* keep;
-  float kept_scale;
+  float kept_scale, scale;
   bool blas;
   float *DQ, *DK, *DV, *DB;
 };
@@ -261,23 +297,23 @@ void forward_head(const Dims& s, const ForwardArgs& a, long b, long h) {
   thread_local Scratch sq, skt, sv, ss, so, sb;
   const long item = b * s.H + h, sz = s.np * s.dp;
   float *sc = ss.get(s.np * s.np), *bb = sb.get(s.np);
+  const float* q = head_biased(s, a.Q, a.BQ, b, h, sq.get(sz));  // q + bq, [n, dp]
   bias_row(s, a.bias, b, bb);
-  if (a.blas) {  // scores = q k^T
-    blas(false, true, s.n, s.n, s.d, head(s, a.Q, b, h), s.row(), head(s, a.K, b, h), s.row(), sc, s.np);
+  if (a.blas) {  // scores = (q + bq) k^T
+    blas(false, true, s.n, s.n, s.d, q, s.dp, head(s, a.K, b, h), s.row(), sc, s.np);
     zero_tail(sc, s.n, s.n, s.np);
   } else {
-    long ldq;
-    const float* q = head_in(s, a.Q, b, h, sq.get(sz), ldq);
     float* ktb = skt.get(sz);
     head_transposed(s, a.K, b, h, ktb);
-    gemm(s.n, s.np, s.dp, q, ldq, 1, ktb, s.np, sc, s.np);
+    gemm(s.n, s.np, s.dp, q, s.dp, 1, ktb, s.np, sc, s.np);
   }
   float *mrow = a.M + item * s.n, *irow = a.I + item * s.n;
+  const float scale = a.scale;  // (a local: the stores below could alias a member)
   for (long i = 0; i < s.n; ++i) {  // softmax, row by row
     float* row = sc + i * s.np;
     v16 mx = splat(-INFINITY);
     for (long j = 0; j < s.np; j += W) {
-      v16 x = load(row + j) + load(bb + j);
+      v16 x = load(row + j) * scale + load(bb + j);
       store(row + j, x);
       mx = x > mx ? x : mx;
     }
@@ -297,51 +333,54 @@ void forward_head(const Dims& s, const ForwardArgs& a, long b, long h) {
     mrow[i] = mi;
     irow[i] = ii;
   }
-  if (a.blas) {  // out = p v
-    blas(false, false, s.n, s.d, s.n, sc, s.np, head(s, a.V, b, h), s.row(), head(s, a.O, b, h), s.row());
+  const float* v = head_biased(s, a.V, a.BV, b, h, sv.get(sz));  // v + bv
+  if (a.blas) {  // out = p (v + bv)
+    blas(false, false, s.n, s.d, s.n, sc, s.np, v, s.dp, head(s, a.O, b, h), s.row());
     return;
   }
-  long ldv, ldo;
-  const float* v = head_in(s, a.V, b, h, sv.get(sz), ldv);
+  long ldo;
   float* o = head_out(s, a.O, b, h, so.get(sz), ldo);
-  gemm(s.n, s.dp, s.n, sc, s.np, 1, v, ldv, o, ldo);
+  gemm(s.n, s.dp, s.n, sc, s.np, 1, v, s.dp, o, ldo);
   head_out_done(s, o, b, h, a.O);
 }
 
 // The backward pass of head h of sequence b.
 void backward_head(const Dims& s, const BackwardArgs& a, long b, long h) {
-  thread_local Scratch sq, sk, skt, svt, sg, sp, spd, sds, so, sb, scol;
+  thread_local Scratch sq, sk, skt, sv, svt, sg, sp, spd, sds, so, sb, scol;
   const long item = b * s.H + h, sz = s.np * s.dp, full = s.np * s.np, row_ = s.row();
   const bool dropout = a.kept_scale > 0.f;
-  long ldq = row_, ldk = row_, ldg = row_, ldo;
+  long ldk = row_, ldg = row_, ldo;
   float *p = sp.get(full), *ds = sds.get(full), *bb = sb.get(s.np);
   float *pd = dropout ? spd.get(full) : p, *col = scol.get(s.np);
-  const float *q = head(s, a.Q, b, h), *k = head(s, a.K, b, h), *g = head(s, a.G, b, h), *v = head(s, a.V, b, h);
+  const float* q = head_biased(s, a.Q, a.BQ, b, h, sq.get(sz));  // q + bq, [n, dp]
+  const float* v = head_biased(s, a.V, a.BV, b, h, sv.get(sz));  // v + bv
+  const float *k = head(s, a.K, b, h), *g = head(s, a.G, b, h);
   float *ktb = nullptr, *vtb = nullptr;
   if (!a.blas) {
-    q = head_in(s, a.Q, b, h, sq.get(sz), ldq);
     k = head_in(s, a.K, b, h, sk.get(sz), ldk);
     g = head_in(s, a.G, b, h, sg.get(sz), ldg);
     head_transposed(s, a.K, b, h, ktb = skt.get(sz));
-    head_transposed(s, a.V, b, h, vtb = svt.get(sz));
+    transposed(s, v, vtb = svt.get(sz));
   }
   bias_row(s, a.bias, b, bb);
   const float *mrow = a.M + item * s.n, *irow = a.I + item * s.n;
+  const float scale = a.scale;  // (a local: the stores below could alias a member)
   if (a.blas) {  // the scores again
-    blas(false, true, s.n, s.n, s.d, q, ldq, k, ldk, p, s.np);
+    blas(false, true, s.n, s.n, s.d, q, s.dp, k, ldk, p, s.np);
     zero_tail(p, s.n, s.n, s.np);
   } else {
-    gemm(s.n, s.np, s.dp, q, ldq, 1, ktb, s.np, p, s.np);
+    gemm(s.n, s.np, s.dp, q, s.dp, 1, ktb, s.np, p, s.np);
   }
   for (long i = 0; i < s.n; ++i) {  // the probabilities from the saved row statistics
     float* row = p + i * s.np;
     const float mi = mrow[i], ii = irow[i];
-    for (long j = 0; j < s.np; j += W) store(row + j, exp_nonpositive(load(row + j) + load(bb + j) - mi) * ii);
+    for (long j = 0; j < s.np; j += W)
+      store(row + j, exp_nonpositive(load(row + j) * scale + load(bb + j) - mi) * ii);
     if (dropout) drop_row(s, a.keep + (item * s.n + i) * s.n, a.kept_scale, row, pd + i * s.np);
   }
-  if (a.blas) {  // dv = p_dropped^T g; dp = g v^T
+  if (a.blas) {  // dv = p_dropped^T g; dp = g (v + bv)^T
     blas(true, false, s.n, s.d, s.n, pd, s.np, g, ldg, head(s, a.DV, b, h), row_);
-    blas(false, true, s.n, s.n, s.d, g, ldg, v, row_, ds, s.np);
+    blas(false, true, s.n, s.n, s.d, g, ldg, v, s.dp, ds, s.np);
     zero_tail(ds, s.n, s.n, s.np);
   } else {
     float* dv = head_out(s, a.DV, b, h, so.get(sz), ldo);
@@ -359,34 +398,36 @@ void backward_head(const Dims& s, const BackwardArgs& a, long b, long h) {
     const float di = hsum(acc);
     for (long j = 0; j < s.np; j += W) {
       v16 x = load(prow + j) * (load(row + j) - di);
-      store(row + j, x);
+      store(row + j, x * scale);  // the logits' gradient: q and k see it times the scale
       store(col + j, load(col + j) + x);
     }
   }
   std::memcpy(a.DB + item * s.n, col, sizeof(float) * s.n);
-  if (a.blas) {  // dq = ds k; dk = ds^T q
+  if (a.blas) {  // dq = ds k; dk = ds^T (q + bq)
     blas(false, false, s.n, s.d, s.n, ds, s.np, k, ldk, head(s, a.DQ, b, h), row_);
-    blas(true, false, s.n, s.d, s.n, ds, s.np, q, ldq, head(s, a.DK, b, h), row_);
+    blas(true, false, s.n, s.d, s.n, ds, s.np, q, s.dp, head(s, a.DK, b, h), row_);
     return;
   }
   float* dq = head_out(s, a.DQ, b, h, so.get(sz), ldo);
-  gemm(s.n, s.dp, s.n, ds, s.np, 1, k, ldk, dq, ldo);  // dq = ds k
+  gemm(s.n, s.dp, s.n, ds, s.np, 1, k, ldk, dq, ldo);
   head_out_done(s, dq, b, h, a.DQ);
   float* dk = head_out(s, a.DK, b, h, so.get(sz), ldo);
-  gemm(s.n, s.dp, s.n, ds, 1, s.np, q, ldq, dk, ldo);  // dk = ds^T q
+  gemm(s.n, s.dp, s.n, ds, 1, s.np, q, s.dp, dk, ldo);
   head_out_done(s, dk, b, h, a.DK);
 }
 
 ffi::Error AttentionForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                             ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::PRED> keep,
-                            float kept_scale, int64_t blas, ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> m,
+                            ffi::Buffer<ffi::F32> bq, ffi::Buffer<ffi::F32> bv, float kept_scale, float scale,
+                            int64_t blas, ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> m,
                             ffi::ResultBuffer<ffi::F32> inv) {
   if (q.dimensions().size() != 4 || !same_shape(q, k) || !same_shape(q, v))
     return ffi::Error::InvalidArgument("opera attention: q, k, v must be equal [batch, n, heads, head_dim]");
   const Dims s = dims_of(q);
-  if (ffi::Error e = check(s, bias, keep, kept_scale, blas); e.failure()) return e;
-  const ForwardArgs a{q.typed_data(), k.typed_data(), v.typed_data(), bias.typed_data(), keep.typed_data(),
-                      kept_scale, blas != 0, out->typed_data(), m->typed_data(), inv->typed_data()};
+  if (ffi::Error e = check(s, bias, keep, kept_scale, blas, bq, bv); e.failure()) return e;
+  const ForwardArgs a{q.typed_data(), k.typed_data(), v.typed_data(), bias.typed_data(), bq.typed_data(),
+                      bv.typed_data(), keep.typed_data(), kept_scale, scale, blas != 0, out->typed_data(),
+                      m->typed_data(), inv->typed_data()};
   opera::parallel_for(pool, s.B * s.H, [&](long i) { forward_head(s, a, i / s.H, i % s.H); });
 
   return ffi::Error::Success();
@@ -394,38 +435,47 @@ ffi::Error AttentionForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::
 
 ffi::Error AttentionBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                              ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::PRED> keep,
-                             ffi::Buffer<ffi::F32> m, ffi::Buffer<ffi::F32> inv, ffi::Buffer<ffi::F32> g,
-                             float kept_scale, int64_t blas, ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
+                             ffi::Buffer<ffi::F32> bq, ffi::Buffer<ffi::F32> bv, ffi::Buffer<ffi::F32> m,
+                             ffi::Buffer<ffi::F32> inv, ffi::Buffer<ffi::F32> g, float kept_scale, float scale,
+                             int64_t blas, ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
                              ffi::ResultBuffer<ffi::F32> dv, ffi::ResultBuffer<ffi::F32> dbias) {
   if (q.dimensions().size() != 4 || !same_shape(q, k) || !same_shape(q, v) || !same_shape(q, g))
     return ffi::Error::InvalidArgument("opera attention: q, k, v, g must be equal [batch, n, heads, head_dim]");
   const Dims s = dims_of(q);
-  if (ffi::Error e = check(s, bias, keep, kept_scale, blas); e.failure()) return e;
+  if (ffi::Error e = check(s, bias, keep, kept_scale, blas, bq, bv); e.failure()) return e;
   if (static_cast<long>(m.element_count()) != s.B * s.H * s.n || m.element_count() != inv.element_count())
     return ffi::Error::InvalidArgument("opera attention: m, inv must be [batch, heads, n]");
   const BackwardArgs a{q.typed_data(), k.typed_data(), v.typed_data(), g.typed_data(), bias.typed_data(),
-                       m.typed_data(), inv.typed_data(), keep.typed_data(), kept_scale, blas != 0, dq->typed_data(),
-                       dk->typed_data(), dv->typed_data(), dbias->typed_data()};
+                       bq.typed_data(), bv.typed_data(), m.typed_data(), inv.typed_data(), keep.typed_data(),
+                       kept_scale, scale, blas != 0, dq->typed_data(), dk->typed_data(), dv->typed_data(),
+                       dbias->typed_data()};
   opera::parallel_for(pool, s.B * s.H, [&](long i) { backward_head(s, a, i / s.H, i % s.H); });
 
   return ffi::Error::Success();
 }
 
-// The operands both passes start with: q, k, v, bias, keep (the thread pool as context).
+// The operands both passes start with: q, k, v, bias, keep, bq, bv (the thread pool as context).
 auto bind_inputs() {
   return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<F32>().Arg<F32>().Arg<F32>().Arg<F32>()
-      .Arg<ffi::Buffer<ffi::PRED>>();
+      .Arg<ffi::Buffer<ffi::PRED>>().Arg<F32>().Arg<F32>();
+}
+
+// The attributes both passes take.
+template <typename B>
+auto bind_attrs(B binding) {
+  return std::move(binding).template Attr<float>("kept_scale").template Attr<float>("scale").template Attr<int64_t>(
+      "blas");
 }
 
 }  // namespace
 
 // Results: out, m, inv.
 XLA_FFI_DEFINE_HANDLER_SYMBOL(OperaAttentionForward, AttentionForward,
-                              bind_inputs().Attr<float>("kept_scale").Attr<int64_t>("blas").Ret<F32>().Ret<F32>().Ret<F32>());
+                              bind_attrs(bind_inputs()).Ret<F32>().Ret<F32>().Ret<F32>());
 
 // Further operands: m, inv, g; results: dq, dk, dv, dbias.
 XLA_FFI_DEFINE_HANDLER_SYMBOL(OperaAttentionBackward, AttentionBackward,
-                              bind_inputs().Arg<F32>().Arg<F32>().Arg<F32>().Attr<float>("kept_scale").Attr<int64_t>("blas")
+                              bind_attrs(bind_inputs().Arg<F32>().Arg<F32>().Arg<F32>())
                                   .Ret<F32>().Ret<F32>().Ret<F32>().Ret<F32>());
 
 // Where the products of calls with `blas` = 1 go: a CBLAS `cblas_sgemm` (cpu_attention.py passes MKL's).
