@@ -12,11 +12,12 @@ pass from the saved row maxima and reciprocal row sums, as ``ops.attention`` doe
 It takes the q, k, v projections without their biases, and the biases and the
 logits' scale as operands: adding a bias to q, k and v would be a pass over each in
 memory, one elementwise op per projection per layer (``attention``'s docstring says
-how the kernel does without). Pairs are spread over XLA:CPU's intra-op threads. Where the dense layers' products go to
-MKL (``cpu_blas.py``: the ``mkl`` extra, not turned off), so do the kernel's: MKL's SGEMM
-reads each head in place, transposed or not, and ran them at about twice the rate of the
-kernel's own tiled GEMM at n = 128 (the attention as a whole, forward and backward, ~15%
-faster there); elsewhere the kernel uses its own. The results equal ``ops.attention``'s to
+how the kernel does without). Pairs are spread over XLA:CPU's intra-op threads.
+Where the dense layers' products go to MKL (``cpu_blas.py``: the ``mkl`` extra, not
+turned off), so do the kernel's: MKL's SGEMM reads each head in place, transposed or
+not, and ran them at about twice the rate of the kernel's own tiled GEMM at n = 128
+(the attention as a whole, forward and backward, ~15% faster there); elsewhere the
+kernel uses its own. The results equal ``ops.attention``'s to
 float rounding either way (``tests/test_cpu_attention.py``).
 
 The kernel is compiled from source the first time a process uses it (~5 s; where and how:

@@ -22,11 +22,12 @@
 // and the second term, the same for every key j, is one the softmax ignores (bk's gradient is 0). The
 // scale multiplies the scores as the softmax reads them. dq, dk, dv are the gradients of the biased
 // projections (q + bq, ...), so the biases' are their sums over the tokens.
-
+//
 // Matrix products (attribute `blas` = 0) run through one register-tiled kernel written with GCC vector
-// extensions (16 floats), compiled with -march=native when first used (`cpu_attention.py`). Heads whose
-// size is a multiple of 16 (all presets') are read and written in place; others go through zero-padded
-// copies, and k and v are transposed into buffers where a product needs them so. With `blas` = 1 they are
+// extensions (16 floats), compiled with -march=native when first used (`cpu_attention.py`). k, g and the
+// results are read and written in place where the head size is a multiple of 16 (all presets'), else
+// through zero-padded copies, and k and v + bv are transposed into buffers where a product needs them
+// so. With `blas` = 1 they are
 // calls of the SGEMM that `OperaAttentionUseSgemm` was given (MKL's, where the `mkl` extra is installed:
 // `cpu_blas.py`), which reads and writes every head in place, transposed or not: at n = 128 it ran these
 // products at about twice the tiled kernel's rate (`benchmarks/README.md`). Score rows are padded to a
