@@ -89,16 +89,16 @@ def test_kernel_takes_the_projection_biases_and_the_scale(b, n, h, d, rate, prod
         add = lambda x, b_: x + b_.reshape(h, d)
         return _xla(add(q, bq) * scale, add(k, bk), add(v, bv), bias, keep, rate)
 
-    for fn in (kernel, reference):
+    def value_and_grads(fn):
         out, vjp = jax.vjp(jax.jit(fn), q, k, v, *biases)
-        got = (out, *vjp(g))
-        if fn is kernel:
-            mine = got
-    for name, a, w in zip(("out", "dq", "dk", "dv", "dbq", "dbk", "dbv"), mine, got):
+        return (out, *vjp(g))
+
+    got, want = value_and_grads(kernel), value_and_grads(reference)
+    for name, a, w in zip(("out", "dq", "dk", "dv", "dbq", "dbk", "dbv"), got, want):
         # (bk's reference gradient is float noise: measured on dbq's scale)
-        scale_ = float(jnp.max(jnp.abs(got[4] if name == "dbk" else w)))
+        scale_ = float(jnp.max(jnp.abs(want[4] if name == "dbk" else w)))
         np.testing.assert_allclose(a, w, atol=2e-5 * scale_, rtol=1e-5, err_msg=name)
-    assert not np.any(mine[5])  # bk's gradient
+    assert not np.any(got[5])  # bk's gradient
 
 
 def test_kernel_is_deterministic_and_model_dispatches_to_it():

@@ -160,7 +160,8 @@ class BertAttention(nnx.Module):
             # The projections without their biases: the attention takes those, and the 1/sqrt(head_dim)
             # scale, itself (on CPU inside its kernel, saving a pass over q, k and v each).
             projections = [_weights(x) for x in (self.query, self.key, self.value)]
-            q, k, v = (split(ops.dense(h.astype(self.query.dtype), w, None)) for w, _ in projections)
+            x = h.astype(self.query.dtype)
+            q, k, v = (split(ops.dense(x, w, None)) for w, _ in projections)
             keep = _keep_mask(self.attn_dropout, (b, self.num_heads, n, n), q)
             ctx = ops.multi_head_attention(q, k, v, bias, keep, self.attn_dropout.rate,  # f32 softmax
                                            qkv_bias=tuple(bias_ for _, bias_ in projections), scale=scale)

@@ -17,8 +17,8 @@ Where the dense layers' products go to MKL (``cpu_blas.py``: the ``mkl`` extra, 
 turned off), so do the kernel's: MKL's SGEMM reads each head in place, transposed or
 not, and ran them at about twice the rate of the kernel's own tiled GEMM at n = 128
 (the attention as a whole, forward and backward, ~15% faster there); elsewhere the
-kernel uses its own. The results equal ``ops.attention``'s to
-float rounding either way (``tests/test_cpu_attention.py``).
+kernel uses its own. The results equal ``ops.attention``'s to float rounding either
+way (``tests/test_cpu_attention.py``).
 
 The kernel is compiled from source the first time a process uses it (~5 s; where and how:
 ``cpu_kernels.py``). Without a working compiler, or with ``OPERA_JAX_CPU_ATTENTION=0``, nothing is
@@ -73,12 +73,6 @@ def available() -> bool:
     return _library() is not None
 
 
-def _blas(q: jax.Array) -> bool:
-    """Whether the kernel's products go to MKL's SGEMM: where :func:`cpu_blas.applies` sends the dense
-    layers' (MKL there, not turned off with ``OPERA_JAX_CPU_BLAS=0``)."""
-    return cpu_blas.applies(q) and cpu_blas.sgemm_address() is not None
-
-
 def applies(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> bool:
     """Whether :func:`attention` takes these operands: on CPU, f32 ``[b, n, heads, head_dim]`` q, k, v
     of one shape and a ``[b, 1, 1, n]`` f32 bias (other shapes and dtypes, and other platforms,
@@ -100,7 +94,10 @@ def _kernel(kind, result_shapes, keep, rate, scale, bq, bv, q, k, v, bias2, *res
     """The ``kind`` kernel on ``q, k, v, bias2``, the keep-mask, the biases ``bq, bv``, then ``rest``
     (each but the biases with the batch leading), per device; ``result_shapes(local_batch)`` gives its
     results' shapes."""
-    attrs = dict(kept_scale=_kept_scale(keep, rate), scale=np.float32(scale), blas=np.int64(_blas(q)))
+    # The products go to MKL's SGEMM where the dense layers' do (``cpu_blas.applies``: MKL loaded, which
+    # :func:`_library` then handed to the kernel, and not turned off with ``OPERA_JAX_CPU_BLAS=0``).
+    blas = cpu_blas.applies(q)
+    attrs = dict(kept_scale=_kept_scale(keep, rate), scale=np.float32(scale), blas=np.int64(blas))
     masked = keep is not None
 
     def call(q, k, v, bias2, *xs):

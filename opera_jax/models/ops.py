@@ -134,26 +134,21 @@ def _lone_dot(y):
         y, cpu=lambda y: jax.lax.reduce_precision(y, exponent_bits=8, mantissa_bits=23), default=lambda y: y)
 
 
-def _plain_product(a, kernel):
-    """``a @ kernel`` over the last axis as XLA's dot (kept a lone dot on XLA:CPU)."""
-    return _lone_dot(jax.lax.dot_general(a, kernel, (((a.ndim - 1,), (0,)), ((), ()))))
-
-
-def _plain_dense(a, kernel, bias):
-    """``a @ kernel + bias`` (``bias`` ``None``: none) through :func:`_plain_product`."""
-    y = _plain_product(a, kernel)
+def _with_bias(y, bias):
     return y if bias is None else y + bias
 
 
-def _product(a, kernel):
-    """:func:`_plain_product`, through MKL on CPU where it is installed (``cpu_blas.py``)."""
-    if cpu_blas.applies(a, kernel):
-        return cpu_blas.matmul(_rows(a), kernel).reshape(*a.shape[:-1], kernel.shape[1])
-    return _plain_product(a, kernel)
+def _plain_dense(a, kernel, bias):
+    """``a @ kernel + bias`` (``bias`` ``None``: none) over the last axis as XLA's dot (kept a lone dot
+    on XLA:CPU)."""
+    return _with_bias(_lone_dot(jax.lax.dot_general(a, kernel, (((a.ndim - 1,), (0,)), ((), ())))), bias)
 
 
 def _dense(a, kernel, bias):
-    return _product(a, kernel) + bias
+    """:func:`_plain_dense`, its product through MKL on CPU where it is installed (``cpu_blas.py``)."""
+    if cpu_blas.applies(a, kernel):
+        return _with_bias(cpu_blas.matmul(_rows(a), kernel).reshape(*a.shape[:-1], kernel.shape[1]), bias)
+    return _plain_dense(a, kernel, bias)
 
 
 def _rows(a):
@@ -166,7 +161,7 @@ def _dense_op(x, kernel, bias):
 
 
 def _dense_fwd(x, kernel, bias):
-    return _dense(x, kernel, bias), (x, kernel)
+    return _dense(x, kernel, bias), (x, kernel, bias)  # (bias: whether there is one)
 
 
 def _dense_grads(a, kernel, g):
@@ -196,38 +191,19 @@ def _weight_gradient_transposed(a, g):
 
 
 def _dense_bwd(res, g):
-    x, kernel = res
+    x, kernel, bias = res
     dx, dkernel, dbias = _dense_grads(_rows(x), kernel, _rows(g))
-    return dx.reshape(x.shape).astype(x.dtype), dkernel, dbias
+    return dx.reshape(x.shape).astype(x.dtype), dkernel, None if bias is None else dbias
 
 
 _dense_op.defvjp(_dense_fwd, _dense_bwd)
-
-
-@jax.custom_vjp
-def _product_op(x, kernel):
-    return _product(x, kernel)
-
-
-def _product_fwd(x, kernel):
-    return _product(x, kernel), (x, kernel)
-
-
-def _product_bwd(res, g):
-    dx, dkernel, _ = _dense_bwd(res, g)  # (the bias gradient's sum is left unused)
-    return dx, dkernel
-
-
-_product_op.defvjp(_product_fwd, _product_bwd)
 
 
 def dense(x: jax.Array, kernel: jax.Array, bias: jax.Array | None) -> jax.Array:
     """``x @ kernel + bias`` over the last axis (``bias`` ``None``: the product alone). Its backward
     pass contracts the weight gradient over the tokens directly (``x^T g``); autodiff of the plain
     dot has XLA:CPU materialise ``g^T`` and run ``x^T (g^T)^T``, at about half the FLOP rate."""
-    if PLAIN:
-        return _plain_dense(x, kernel, bias)
-    return _product_op(x, kernel) if bias is None else _dense_op(x, kernel, bias)
+    return _plain_dense(x, kernel, bias) if PLAIN else _dense_op(x, kernel, bias)
 
 
 # ---------------------------------------------------------------- GELU, then a dense layer

@@ -208,12 +208,12 @@ void head_out_done(const Dims& s, const float* buf, long b, long h, float* x) {
   for (long i = 0; i < s.n; ++i) copy_row(base + i * s.row(), buf + i * s.dp, s.d);
 }
 
-// Head h of sequence b transposed, into a [dp, np] buffer, zero-padded.
-void head_transposed(const Dims& s, const float* x, long b, long h, float* out) {
-  const float* base = head(s, x, b, h);
+// An [n, d] matrix with row stride `ld` (a head in place, or a buffer) transposed into a [dp, np] buffer,
+// zero-padded.
+void transposed(const Dims& s, const float* x, long ld, float* out) {
   std::memset(out, 0, sizeof(float) * s.np * s.dp);
   for (long i = 0; i < s.n; ++i)
-    for (long c = 0; c < s.d; ++c) out[c * s.np + i] = base[i * s.row() + c];
+    for (long c = 0; c < s.d; ++c) out[c * s.np + i] = x[i * ld + c];
 }
 
 // The padded bias row of sequence b: its n key biases, then -inf for the padding keys.
@@ -243,13 +243,6 @@ const float* head_biased(const Dims& s, const float* x, const float* vec, long b
     for (; c < dp; ++c) out[c] = 0.f;
   }
   return buf;
-}
-
-// An [n, dp] matrix (row stride dp) transposed into a [dp, np] buffer, zero-padded.
-void transposed(const Dims& s, const float* x, float* out) {
-  std::memset(out, 0, sizeof(float) * s.np * s.dp);
-  for (long i = 0; i < s.n; ++i)
-    for (long c = 0; c < s.d; ++c) out[c * s.np + i] = x[i * s.dp + c];
 }
 
 ffi::Error check(const Dims& s, ffi::Buffer<ffi::F32>& bias, ffi::Buffer<ffi::PRED>& keep, float kept_scale,
@@ -305,7 +298,7 @@ void forward_head(const Dims& s, const ForwardArgs& a, long b, long h) {
     zero_tail(sc, s.n, s.n, s.np);
   } else {
     float* ktb = skt.get(sz);
-    head_transposed(s, a.K, b, h, ktb);
+    transposed(s, head(s, a.K, b, h), s.row(), ktb);
     gemm(s.n, s.np, s.dp, q, s.dp, 1, ktb, s.np, sc, s.np);
   }
   float *mrow = a.M + item * s.n, *irow = a.I + item * s.n;
@@ -360,8 +353,8 @@ void backward_head(const Dims& s, const BackwardArgs& a, long b, long h) {
   if (!a.blas) {
     k = head_in(s, a.K, b, h, sk.get(sz), ldk);
     g = head_in(s, a.G, b, h, sg.get(sz), ldg);
-    head_transposed(s, a.K, b, h, ktb = skt.get(sz));
-    transposed(s, v, vtb = svt.get(sz));
+    transposed(s, k, ldk, ktb = skt.get(sz));
+    transposed(s, v, s.dp, vtb = svt.get(sz));
   }
   bias_row(s, a.bias, b, bb);
   const float *mrow = a.M + item * s.n, *irow = a.I + item * s.n;
