@@ -40,7 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
-    from opera_jax.xla_cpu import use_xla_cpu_flags
+    from opera_jax.cpu.xla_flags import use_xla_cpu_flags
 
     use_xla_cpu_flags()  # the dots as the train step runs them (before jax starts its CPU backend)
     import jax

@@ -11,7 +11,7 @@ batch to its longest text; opera-jax pads to a bucket length (powers of two),
 which is what keeps its jitted encoder to a few compiled shapes. Timings: one
 untimed warm-up pass (it includes XLA compilation, reported apart), then the
 median of --repeats timed passes. The ratio is opera-jax docs/s over PyTorch docs/s.
-XLA:CPU runs with the flag the opera-jax command sets (``opera_jax/xla_cpu.py``).
+XLA:CPU runs with the flag the opera-jax command sets (``opera_jax/cpu/xla_flags.py``).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.device == "cpu":
         os.environ["JAX_PLATFORMS"] = "cpu"
-    from opera_jax.xla_cpu import use_xla_cpu_flags
+    from opera_jax.cpu.xla_flags import use_xla_cpu_flags
 
     use_xla_cpu_flags()  # XLA:CPU as the opera-jax command runs it (OPERA_JAX_XLA_CPU_FLAGS=0: jaxlib's default)
     import jax

@@ -14,7 +14,7 @@ untimed steps, then profiles one:
 Printed per side: milliseconds per category, largest first; for opera-jax also the dot shapes
 that took longest, with their GFLOP/s. The categories match where they can: PyTorch's fused
 attention is one op (``scaled_dot_product``), and so is ours on CPU (the C++ kernel's two custom
-calls, ``models/cpu_attention.py``; with ``OPERA_JAX_CPU_ATTENTION=0``: attention dots plus elementwise
+calls, ``cpu/attention.py``; with ``OPERA_JAX_CPU_ATTENTION=0``: attention dots plus elementwise
 passes over the ``[b, h, n, n]`` scores and the reductions among the rest). Findings: ``benchmarks/README.md``.
 """
 
@@ -76,7 +76,7 @@ class Hlo:
         self.body = dict(re.findall(r"^%?([\w.\-]+) \(.*?\) -> .*? \{\n(.*?)\n\}", text, re.S | re.M))
 
     def dot_of(self, name: str) -> str | None:
-        """The dot instruction ``name`` is (or MKL's product, ``models/cpu_blas.py``), or the one in
+        """The dot instruction ``name`` is (or MKL's product, ``cpu/blas.py``), or the one in
         the fusion it calls."""
         line = self.line[name]
         if " dot(" in line or "opera_gemm" in line:

@@ -39,11 +39,11 @@ Both are reported (``jax`` = the first, ``jax_cached`` = the second); a
 first run of the trainer pays the compile peak.
 
 The JAX child runs as ``opera-jax`` does: malloc backed by transparent huge
-pages (``opera_jax/host_memory.py``; ``--variant 4k-pages`` turns that off), the
+pages (``opera_jax/cpu/host_memory.py``; ``--variant 4k-pages`` turns that off), the
 dense layers' products through MKL where the ``mkl`` extra is installed
-(``opera_jax/models/cpu_blas.py``; ``--variant xla-dots`` keeps XLA's dots; the JSON's
+(``opera_jax/cpu/blas.py``; ``--variant xla-dots`` keeps XLA's dots; the JSON's
 ``dense_products`` says which ran), other dots through XLA's Eigen path
-(``opera_jax/xla_cpu.py``; ``--variant ynn-dots`` keeps jaxlib's YNNPACK default), and
+(``opera_jax/cpu/xla_flags.py``; ``--variant ynn-dots`` keeps jaxlib's YNNPACK default), and
 torch hidden from transformers (which would import it, ~200 MB, when installed). The
 PyTorch child runs with the allocator as it comes, or with the same huge pages
 under ``--torch-hugepages``.
@@ -87,7 +87,7 @@ def parse_args(argv=None):
     p.add_argument("--variant", default="default", help="which opera-jax step: " + ", ".join(VARIANTS))
     p.add_argument("--sides", default="jax,torch", help="comma list of jax, torch")
     p.add_argument("--torch-hugepages", action="store_true",
-                   help="give the PyTorch child malloc on huge pages too (opera_jax/host_memory.py)")
+                   help="give the PyTorch child malloc on huge pages too (opera_jax/cpu/host_memory.py)")
     p.add_argument("--compile-cache", default=None, help="also run a JAX child that loads the compiled step")
     p.add_argument("--rounds", type=int, default=1,
                    help="run the two children this many times, alternately; ratios: medians over the rounds")
@@ -102,10 +102,10 @@ def parse_args(argv=None):
 VARIANTS = {
     "default": {},
     "plain": {"plain": True},  # the formulations before the changes in the table above
-    "4k-pages": {"env": {"OPERA_JAX_HUGEPAGES": "0"}},  # malloc without huge pages (opera_jax/host_memory.py)
-    "ynn-dots": {"env": {"OPERA_JAX_XLA_CPU_FLAGS": "0"}},  # jaxlib's default dots (opera_jax/xla_cpu.py)
-    "xla-attention": {"env": {"OPERA_JAX_CPU_ATTENTION": "0"}},  # attention as XLA ops (models/cpu_attention.py)
-    "xla-dots": {"env": {"OPERA_JAX_CPU_BLAS": "0"}},  # dense products as XLA dots, not MKL (models/cpu_blas.py)
+    "4k-pages": {"env": {"OPERA_JAX_HUGEPAGES": "0"}},  # malloc without huge pages (opera_jax/cpu/host_memory.py)
+    "ynn-dots": {"env": {"OPERA_JAX_XLA_CPU_FLAGS": "0"}},  # jaxlib's default dots (opera_jax/cpu/xla_flags.py)
+    "xla-attention": {"env": {"OPERA_JAX_CPU_ATTENTION": "0"}},  # attention as XLA ops (cpu/attention.py)
+    "xla-dots": {"env": {"OPERA_JAX_CPU_BLAS": "0"}},  # dense products as XLA dots, not MKL (cpu/blas.py)
     "remat": {"remat": True},
     "bf16": {"bf16": True},
 }
@@ -250,10 +250,10 @@ def child_jax(args, batch) -> dict:
 
 
 def _dense_products() -> str:
-    """What ran the dense layers' products: MKL (with its version) or XLA's dots (models/cpu_blas.py)."""
+    """What ran the dense layers' products: MKL (with its version) or XLA's dots (cpu/blas.py)."""
     import jax.numpy as jnp
 
-    from opera_jax.models import cpu_blas
+    from opera_jax.cpu import blas as cpu_blas
 
     if cpu_blas.applies(jnp.zeros((), jnp.float32)):
         return f"mkl {cpu_blas.mkl_libraries()[1]}"
@@ -364,7 +364,7 @@ def spawn(args, side: str, batch_file: str, tmp: str, compile_cache: str | None 
     if side == "jax":
         env.update(VARIANTS[args.variant].get("env", {}))
     elif args.torch_hugepages:
-        from opera_jax.host_memory import with_hugetlb
+        from opera_jax.cpu.host_memory import with_hugetlb
 
         env["GLIBC_TUNABLES"] = with_hugetlb(None)
     subprocess.run(cmd, check=True, env=env)

@@ -194,16 +194,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def prepare_process() -> None:
-    """Set this process up as the ``opera-jax`` command runs: malloc on transparent huge pages
-    (``host_memory.py``; re-executes the command once), XLA:CPU's lone matrix multiplications through
-    Eigen (``xla_cpu.py``), and torch hidden from transformers, which imports it whenever it is
-    installed (~200 MB of memory and seconds of start-up that opera-jax never uses). Call it first
-    thing, before jax computes anything; the benchmarks' JAX processes call it too."""
-    from opera_jax.host_memory import use_huge_pages
-    from opera_jax.xla_cpu import use_xla_cpu_flags
+    """Set this process up as the ``opera-jax`` command runs. On a CPU host (``platforms.py``): malloc
+    on transparent huge pages (``cpu/host_memory.py``; re-executes the command once) and XLA:CPU's lone
+    matrix multiplications through Eigen (``cpu/xla_flags.py``); on GPU and TPU hosts neither. Everywhere:
+    torch hidden from transformers, which imports it whenever it is installed (~200 MB of memory and
+    seconds of start-up that opera-jax never uses). Call it first thing, before jax computes anything;
+    the benchmarks' JAX processes call it too."""
+    from opera_jax.platforms import accelerator_expected
 
-    use_huge_pages()  # re-executes this command once, before anything is allocated
-    use_xla_cpu_flags()  # before jax starts its CPU backend
+    if not accelerator_expected():
+        from opera_jax.cpu.host_memory import use_huge_pages
+        from opera_jax.cpu.xla_flags import use_xla_cpu_flags
+
+        use_huge_pages()  # re-executes this command once, before anything is allocated
+        use_xla_cpu_flags()  # before jax starts its CPU backend
     sys.modules.setdefault("torch", None)  # hidden from this process only
 
 

@@ -49,8 +49,13 @@ class ModelConfig:
     query_prefix: str | None = None
     passage_prefix: str | None = None
     padding_side: str | None = None  # left | right; None = from the tokenizer
-    dtype: str = "float32"  # compute dtype: float32 | bfloat16
+    # compute dtype: auto (bfloat16 on GPUs and TPUs, float32 on CPU) | float32 | bfloat16;
+    # parameters (the master weights) stay param_dtype, softmax statistics and the loss f32
+    dtype: str = "auto"
     param_dtype: str = "float32"  # float32 | bfloat16
+    # attention: auto (by backend and dtype) | xla | cpu | cudnn | pallas (opera_jax/models/attention.py);
+    # cudnn and pallas apply no attention-probability dropout (hidden-state dropout stays)
+    attention: str = "auto"
     # per-layer rematerialisation (gradient checkpointing): false | true (= full) | a policy name,
     # none | full | dots_saveable | dots_with_no_batch_dims_saveable (opera_jax/models/remat.py)
     remat: bool | str = False
@@ -157,7 +162,8 @@ class Config:
 CHOICES = {
     "model.pooling": ("cls", "mean", "last"),
     "model.padding_side": ("left", "right"),
-    "model.dtype": ("float32", "bfloat16"),
+    "model.dtype": ("auto", "float32", "bfloat16"),
+    "model.attention": ("auto", "xla", "cpu", "cudnn", "pallas"),
     "model.param_dtype": ("float32", "bfloat16"),
     "data.empty": ("error", "skip"),
     "mining.mode": ("hard", "random"),

@@ -159,7 +159,6 @@ def plan(config: Config, devices: int, fsdp: int = 1) -> Plan:
     import jax.numpy as jnp
     from flax import nnx
 
-    from opera_jax.models import cpu_kernels
     from opera_jax.models.bert import Precision
     from opera_jax.models.encoder import ARCHITECTURES, Retriever
     from opera_jax.models.remat import policy_name
@@ -185,11 +184,11 @@ def plan(config: Config, devices: int, fsdp: int = 1) -> Plan:
         raise InputError(f"{m.name}: model_type {architecture!r} is not supported ({', '.join(sorted(ARCHITECTURES))})")
     arch = ARCHITECTURES[architecture]
     arch_config = arch.config_cls.from_hf(hf, source=f"{m.name} config.json")
-    precision = Precision(dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype))
+    precision = Precision.named(m.dtype, m.param_dtype, backend="gpu")  # "auto": as on a GPU / TPU
     pooling = m.pooling or ("last" if architecture == "qwen3" else "cls")
 
     def build():
-        backbone = arch.model_cls(arch_config, precision=precision, remat=m.remat,
+        backbone = arch.model_cls(arch_config, precision=precision, remat=m.remat, attention="xla",
                                   rngs=nnx.Rngs(params=0, dropout=config.seed))
         return Retriever(backbone, pooling, m.normalize if m.normalize is not None else True)
 
@@ -212,7 +211,7 @@ def plan(config: Config, devices: int, fsdp: int = 1) -> Plan:
         "pair": i32(b), "query": i32(b), "weight": jax.ShapeDtypeStruct((b,), jnp.float32, sharding=rows),
     }
     step = make_train_step(graphdef, rest, optimizer, o.temperature, grad_cache_chunk=o.grad_cache_chunk)
-    with cpu_kernels.disabled():  # XLA's own ops: their temporaries and FLOPs are counted, as on a GPU / TPU
+    with _xla_ops_only():  # XLA's own ops: their temporaries and FLOPs are counted, as on a GPU / TPU
         compiled = step.lower(state, batch).compile()
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
@@ -224,7 +223,7 @@ def plan(config: Config, devices: int, fsdp: int = 1) -> Plan:
         model=m.name, source=source, architecture=architecture,
         num_params=sum(math.prod(x.shape) for x in jax.tree.leaves(params)),
         devices=devices, data=devices // fsdp, fsdp=fsdp, batch_size=b, group_size=g,
-        query_len=d.query_max_len, passage_len=d.passage_max_len, dtype=m.dtype, param_dtype=m.param_dtype,
+        query_len=d.query_max_len, passage_len=d.passage_max_len, dtype=precision.dtype.name, param_dtype=m.param_dtype,
         remat=remat, grad_cache_chunk=o.grad_cache_chunk,
         param_bytes=_bytes_per_device(state.params), optimizer_bytes=_bytes_per_device(state.opt_state),
         argument_bytes=int(memory.argument_size_in_bytes), output_bytes=int(memory.output_size_in_bytes),
@@ -237,6 +236,19 @@ def plan(config: Config, devices: int, fsdp: int = 1) -> Plan:
                                       (remat == "full") + bool(o.grad_cache_chunk)) / devices,
         backend=jax.default_backend(),
     )
+
+
+def _xla_ops_only():
+    """On CPU, the C++ kernels turned off for the compilation (``cpu/kernels.py``); elsewhere nothing."""
+    import contextlib
+
+    import jax
+
+    if jax.default_backend() != "cpu":
+        return contextlib.nullcontext()
+    from opera_jax.cpu import kernels
+
+    return kernels.disabled()
 
 
 def write_json(result: Plan, path: str | Path) -> None:

@@ -20,7 +20,7 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_COMPILATION_CACHE
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")  # not the many tiny programs
 
-from opera_jax.xla_cpu import use_xla_cpu_flags  # noqa: E402
+from opera_jax.cpu.xla_flags import use_xla_cpu_flags  # noqa: E402
 
 use_xla_cpu_flags()  # XLA:CPU as the opera-jax command runs it (lone dots through Eigen)
 

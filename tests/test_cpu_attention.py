@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from opera_jax.models import cpu_attention, cpu_blas, cpu_kernels, ops
+from opera_jax.cpu import attention as cpu_attention, blas as cpu_blas, kernels as cpu_kernels
+from opera_jax.models import attention, ops
 from opera_jax.sharding import BATCH_AXES, make_mesh
 
 
@@ -108,7 +109,7 @@ def test_kernel_is_deterministic_and_model_dispatches_to_it():
     for a, b in zip(first, again):
         np.testing.assert_array_equal(a, b)
     assert cpu_attention.applies(q, k, v, bias)
-    hlo = jax.jit(ops.multi_head_attention).lower(q, k, v, bias).as_text()
+    hlo = jax.jit(_model_attention).lower(q, k, v, bias).as_text()
     assert "opera_attention_forward" in hlo
     # bf16 operands and other bias shapes take the XLA formulation.
     assert not cpu_attention.applies(q.astype(jnp.bfloat16), k, v, bias)
@@ -122,7 +123,12 @@ def test_switched_off_by_the_environment_and_for_the_planner(monkeypatch):
     assert cpu_attention.applies(q, k, v, bias)
     monkeypatch.setenv(cpu_attention.ENV, "0")
     assert not cpu_attention.applies(q, k, v, bias)
-    assert "opera_attention" not in jax.jit(ops.multi_head_attention).lower(q, k, v, bias).as_text()
+    assert "opera_attention" not in jax.jit(_model_attention).lower(q, k, v, bias).as_text()
+
+
+def _model_attention(q, k, v, bias):
+    """The model's attention (``model.attention: cpu``) on the padding mask ``bias`` stands for."""
+    return attention.attend(q, k, v, (bias[:, 0, 0] == 0).astype(jnp.int32), implementation="cpu")
 
 
 def test_sharded_kernel_runs_per_device_and_equals_one_device():

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from opera_jax.models import cpu_blas, cpu_kernels, ops
+from opera_jax.cpu import blas as cpu_blas, kernels as cpu_kernels
+from opera_jax.models import ops
 from opera_jax.sharding import BATCH_AXES, make_mesh
 
 

@@ -6,9 +6,9 @@ import sys
 
 import pytest
 
-from opera_jax.host_memory import huge_pages_possible, release_free_memory, with_hugetlb
+from opera_jax.cpu.host_memory import huge_pages_possible, release_free_memory, with_hugetlb
 
-PRINT_AFTER = ("from opera_jax.host_memory import use_huge_pages; import os; print('started', flush=True); "
+PRINT_AFTER = ("from opera_jax.cpu.host_memory import use_huge_pages; import os; print('started', flush=True); "
                "use_huge_pages(); print(os.environ.get('GLIBC_TUNABLES'))")
 
 

@@ -7,8 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from opera_jax import xla_cpu
-from opera_jax.models import cpu_blas, ops
+from opera_jax.cpu import xla_flags as xla_cpu
+from opera_jax.cpu import blas as cpu_blas
+from opera_jax.models import ops
 
 
 def _plain_layer_norm(x, scale, bias, eps):
@@ -136,7 +137,7 @@ def _weight_gradient_dot(plain: bool) -> str:
 
 @pytest.fixture
 def xla_dots(monkeypatch):
-    """The dense layers' products as XLA dots, even where MKL is installed (``cpu_blas.py``)."""
+    """The dense layers' products as XLA dots, even where MKL is installed (``cpu/blas.py``)."""
     monkeypatch.setenv(cpu_blas.ENV, "0")
 
 

@@ -6,12 +6,12 @@ import sys
 
 import pytest
 
-from opera_jax import xla_cpu
-from opera_jax.xla_cpu import FLAG, with_xla_cpu_flags
+from opera_jax.cpu import xla_flags as xla_cpu
+from opera_jax.cpu.xla_flags import FLAG, with_xla_cpu_flags
 
 # Compiles one f32 dot in a fresh process (XLA reads XLA_FLAGS once) and prints what XLA:CPU made of it.
 COMPILE_A_DOT = """
-from opera_jax.xla_cpu import use_xla_cpu_flags
+from opera_jax.cpu.xla_flags import use_xla_cpu_flags
 use_xla_cpu_flags()
 import jax, jax.numpy as jnp
 text = jax.jit(lambda a, b: a @ b).lower(jnp.ones((256, 64)), jnp.ones((64, 128))).compile().as_text()

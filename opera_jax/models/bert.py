@@ -2,7 +2,8 @@
 
 The module tree mirrors the Hugging Face ``BertModel`` so that the weight-name
 mapping in ``bert_params.py`` stays a table. There is no pooler: retrievers
-pool the last hidden states themselves (``pooling.py``).
+pool the last hidden states themselves (``encoder.pool``). Attention runs through
+``attention.attend``, its implementation chosen by ``model.attention``.
 
 Shapes: ``input_ids`` and ``attention_mask`` are ``[batch, length]`` int arrays;
 the output is ``[batch, length, hidden]`` in the compute dtype.
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from opera_jax.errors import InputError
-from opera_jax.models import ops
+from opera_jax.models import attention, ops
 from opera_jax.models.remat import checkpointed, policy_name
 
 _ACTIVATIONS = {
@@ -90,6 +91,14 @@ class Precision:
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
+    @classmethod
+    def named(cls, dtype: str, param_dtype: str = "float32", backend: str | None = None) -> "Precision":
+        """From the config's names; ``dtype`` ``"auto"``: bfloat16 on GPUs and TPUs (f32 master
+        weights), float32 on CPU, whose bf16 arithmetic is emulated. ``backend``: JAX's default."""
+        if dtype == "auto":
+            dtype = "float32" if (backend or jax.default_backend()) == "cpu" else "bfloat16"
+        return cls(dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(param_dtype))
+
 
 def _linear(din: int, dout: int, p: Precision, rngs: nnx.Rngs) -> nnx.Linear:
     return nnx.Linear(din, dout, dtype=p.dtype, param_dtype=p.param_dtype, rngs=rngs)
@@ -136,7 +145,8 @@ class BertEmbeddings(nnx.Module):
 class BertAttention(nnx.Module):
     """Multi-head self-attention with the residual LayerNorm of BERT's output block."""
 
-    def __init__(self, c: BertConfig, p: Precision, rngs: nnx.Rngs):
+    def __init__(self, c: BertConfig, p: Precision, implementation: str, rngs: nnx.Rngs):
+        self.implementation = implementation  # a name of attention.IMPLEMENTATIONS
         self.num_heads = c.num_attention_heads
         self.query = _linear(c.hidden_size, c.hidden_size, p, rngs)
         self.key = _linear(c.hidden_size, c.hidden_size, p, rngs)
@@ -146,33 +156,19 @@ class BertAttention(nnx.Module):
         self.attn_dropout = nnx.Dropout(c.attention_probs_dropout_prob, rngs=rngs)
         self.dropout = nnx.Dropout(c.hidden_dropout_prob, rngs=rngs)
 
-    def __call__(self, h: jax.Array, bias: jax.Array) -> jax.Array:
+    def __call__(self, h: jax.Array, mask: jax.Array) -> jax.Array:
         b, n, d = h.shape
-        split = lambda x: x.reshape(b, n, self.num_heads, d // self.num_heads)  # [b, n, heads, head_dim]
-        scale = 1.0 / (d // self.num_heads) ** 0.5
-        if ops.PLAIN:
-            heads = lambda x: split(x).transpose(0, 2, 1, 3)  # [b, heads, n, head_dim]
-            q, k, v = heads(self.query(h)), heads(self.key(h)), heads(self.value(h))
-            logits = ((q @ k.transpose(0, 1, 3, 2)) * scale).astype(jnp.float32)
-            ctx = self.attn_dropout(jax.nn.softmax(logits + bias, axis=-1).astype(v.dtype)) @ v
-            ctx = ctx.transpose(0, 2, 1, 3)
-        else:
-            # The projections without their biases: the attention takes those, and the 1/sqrt(head_dim)
-            # scale, itself (on CPU inside its kernel, saving a pass over q, k and v each).
-            projections = [_weights(x) for x in (self.query, self.key, self.value)]
-            x = h.astype(self.query.dtype)
-            q, k, v = (split(ops.dense(x, w, None)) for w, _ in projections)
-            keep = _keep_mask(self.attn_dropout, (b, self.num_heads, n, n), q)
-            ctx = ops.multi_head_attention(q, k, v, bias, keep, self.attn_dropout.rate,  # f32 softmax
-                                           qkv_bias=tuple(bias_ for _, bias_ in projections), scale=scale)
+        implementation = attention.resolve(self.implementation, self.query.dtype)
+        # The projections without their biases: the attention takes those, and the 1/sqrt(head_dim)
+        # scale, itself (on CPU inside its kernel, saving a pass over q, k and v each).
+        projections = [_weights(x) for x in (self.query, self.key, self.value)]
+        x = h.astype(self.query.dtype)
+        q, k, v = (ops.dense(x, w, None).reshape(b, n, self.num_heads, -1) for w, _ in projections)
+        keep = (attention.keep_mask(self.attn_dropout, (b, self.num_heads, n, n), q)
+                if attention.takes_dropout(implementation) else None)
+        ctx = attention.attend(q, k, v, mask, implementation=implementation, scale=1.0 / (d // self.num_heads) ** 0.5,
+                               keep=keep, rate=self.attn_dropout.rate, qkv_bias=tuple(b_ for _, b_ in projections))
         return _apply_norm(self.norm, h + self.dropout(_apply_linear(self.out, ctx.reshape(b, n, d))))
-
-
-def _keep_mask(dropout: nnx.Dropout, shape: tuple[int, ...], like: jax.Array) -> jax.Array | None:
-    """The boolean keep-mask ``dropout`` would draw for an input of ``shape``; ``None`` when it is off."""
-    if dropout.deterministic or dropout.rate == 0.0:
-        return None
-    return jax.random.bernoulli(dropout.rngs(), 1.0 - dropout.rate, shape, out_sharding=jax.typeof(like).sharding)
 
 
 class BertMLP(nnx.Module):
@@ -193,16 +189,17 @@ class BertMLP(nnx.Module):
 
 
 class BertLayer(nnx.Module):
-    def __init__(self, c: BertConfig, p: Precision, rngs: nnx.Rngs):
-        self.attention = BertAttention(c, p, rngs)
+    def __init__(self, c: BertConfig, p: Precision, implementation: str, rngs: nnx.Rngs):
+        self.attention = BertAttention(c, p, implementation, rngs)
         self.mlp = BertMLP(c, p, rngs)
 
-    def __call__(self, h: jax.Array, bias: jax.Array) -> jax.Array:
-        return self.mlp(self.attention(h, bias))
+    def __call__(self, h: jax.Array, mask: jax.Array) -> jax.Array:
+        return self.mlp(self.attention(h, mask))
 
 
 class BertModel(nnx.Module):
-    """Token ids -> last hidden states. ``remat``: a policy of ``remat.py`` (``True`` = ``"full"``), per layer."""
+    """Token ids -> last hidden states. ``remat``: a policy of ``remat.py`` (``True`` = ``"full"``), per
+    layer; ``attention``: a name of ``attention.IMPLEMENTATIONS`` (``"auto"``: by backend and dtype)."""
 
     def __init__(
         self,
@@ -210,22 +207,17 @@ class BertModel(nnx.Module):
         *,
         precision: Precision = Precision(),
         remat: bool | str = False,
+        attention: str = "auto",
         rngs: nnx.Rngs,
     ):
         self.config = config
         self.remat = policy_name(remat)
         self.embeddings = BertEmbeddings(config, precision, rngs)
-        self.layers = nnx.List([BertLayer(config, precision, rngs) for _ in range(config.num_hidden_layers)])
+        self.layers = nnx.List([BertLayer(config, precision, attention, rngs)
+                                for _ in range(config.num_hidden_layers)])
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
-        bias = attention_bias(attention_mask)
         h = self.embeddings(input_ids)
         for layer in self.layers:
-            h = checkpointed(layer, self.remat)(h, bias)
+            h = checkpointed(layer, self.remat)(h, attention_mask)
         return h
-
-
-def attention_bias(attention_mask: jax.Array) -> jax.Array:
-    """``[batch, length]`` 0/1 mask -> additive f32 bias ``[batch, 1, 1, length]``."""
-    neg = jnp.finfo(jnp.float32).min
-    return jnp.where(attention_mask[:, None, None, :] > 0, 0.0, neg).astype(jnp.float32)

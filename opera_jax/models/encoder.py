@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from opera_jax.errors import InputError
+from opera_jax.models import attention as attention_lib
 from opera_jax.models import bert, bert_params, qwen3, qwen3_params
 from opera_jax.models.hub import resolve_model_dir
 from opera_jax.models.weights import NameMap, load_into
@@ -154,12 +155,15 @@ def load_encoder(
     *,
     precision: bert.Precision = bert.Precision(),
     remat: bool | str = False,
+    attention: str = "auto",
     seed: int = 0,
     overrides: dict[str, Any] | None = None,
 ) -> Encoder:
     """Load weights, config, tokenizer and spec for a local dir, bundled model or hub id.
 
-    ``overrides`` replaces spec fields (pooling, normalize, prefixes, ...).
+    ``overrides`` replaces spec fields (pooling, normalize, prefixes, ...). ``attention``: a name of
+    ``attention.IMPLEMENTATIONS``; one that reads padding as sequence lengths (cuDNN) makes the
+    spec pad on the right.
     ``seed`` seeds the dropout stream only: every parameter comes from the checkpoint.
     """
     from opera_jax.data.tokens import load_tokenizer
@@ -180,7 +184,9 @@ def load_encoder(
         if unknown:
             raise InputError(f"unknown encoder option(s): {', '.join(sorted(unknown))}")
         spec = dataclasses.replace(spec, **overrides)
-    backbone = arch.model_cls(config, precision=precision, remat=remat, rngs=nnx.Rngs(params=0, dropout=seed))
+    if attention_lib.pads_right(attention_lib.resolve(attention, precision.dtype)):
+        spec = dataclasses.replace(spec, padding_side="right")
+    backbone = arch.model_cls(config, precision=precision, remat=remat, attention=attention, rngs=nnx.Rngs(params=0, dropout=seed))
     load_into(backbone, model_dir, arch.name_map)
     model = Retriever(backbone, spec.pooling, spec.normalize)
     model.eval()

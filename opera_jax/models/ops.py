@@ -7,9 +7,10 @@ than needed, and on XLA:CPU these passes are a large share of a train step
 one fused pass; the tests compare every gradient with ``jax.grad`` of the plain
 formulation (``tests/test_ops.py``).
 
-``PLAIN = True`` (read at trace time) switches the model back to the plain
-formulations (``jax.nn.gelu``, ``nnx.LayerNorm``, ``jax.nn.softmax`` with the
-attention scale on the logits), to measure what the changes buy.
+``PLAIN = True`` (read at trace time) switches the BERT model's GELU, LayerNorm and
+dense layers back to the plain formulations (``jax.nn.gelu``, ``nnx.LayerNorm``,
+XLA's dot), to measure what the changes buy (``benchmarks/step_throughput.py``).
+Attention is chosen by ``model.attention`` instead (``attention.py``).
 
 - :func:`gelu`: exact GELU written with ``erf``, as PyTorch computes it (jax's
   ``gelu(approximate=False)`` uses ``erfc``, which XLA expands into a slower
@@ -21,12 +22,10 @@ attention scale on the logits), to measure what the changes buy.
   such arrays per layer (the exponentials, the reciprocal of their sum broadcast
   to full size, the probabilities): at 64 x 256 tokens 3.6 GB of the step's
   7.3 GB scratch; keeping the probabilities alone still cost 1.15 GB there.
-- :func:`multi_head_attention`: :func:`attention` on the projections' ``[b, n, heads, head_dim]``
-  layout; on CPU the fused C++ kernel of ``cpu_attention.py``.
 - :func:`dense`: a dense layer whose weight gradient contracts ``x`` and ``g`` over the
   tokens directly; autodiff had XLA:CPU copy ``g`` transposed first and run a dot at about
   half the FLOP rate. With the ``mkl`` extra, on CPU, its three products go to MKL instead
-  (``cpu_blas.py``). On XLA:CPU its forward dot stays out of YNNPACK's fusion with the
+  (``cpu/blas.py``). On XLA:CPU its forward dot stays out of YNNPACK's fusion with the
   LayerNorm after it, and a narrowing layer's weight gradient is made transposed (both faster there).
 - :func:`gelu_dense`: GELU followed by a dense layer, saving the GELU's input
   only (autodiff also keeps its output, the dense layer's input).
@@ -40,8 +39,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-
-from opera_jax.models import cpu_attention, cpu_blas
 
 PLAIN = False  # True: the plain formulations everywhere (see above)
 
@@ -127,7 +124,7 @@ def _lone_dot(y):
     between it and its consumers. Otherwise the output projections' dots (attention output,
     feed-forward output), whose results feed the next LayerNorm, are fused into YNNPACK's
     LayerNorm reduction, where their matmul ran at 71-75 GFLOP/s in the MiniLM train step, against
-    ~150 as lone dots through Eigen (``xla_cpu.py``); steps 2-9% faster in sequential pairs
+    ~150 as lone dots through Eigen (``cpu/xla_flags.py``); steps 2-9% faster in sequential pairs
     (``benchmarks/README.md``). Other platforms: unchanged (a GPU fuses the bias add that follows
     into its matmul)."""
     return jax.lax.platform_dependent(
@@ -144,9 +141,19 @@ def _plain_dense(a, kernel, bias):
     return _with_bias(_lone_dot(jax.lax.dot_general(a, kernel, (((a.ndim - 1,), (0,)), ((), ())))), bias)
 
 
+def _cpu_blas(*arrays):
+    """``opera_jax.cpu.blas`` when these operands' products go to MKL (f32 on CPU, the ``mkl``
+    extra); ``None`` otherwise. The CPU package is imported on the CPU only."""
+    if jax.default_backend() != "cpu":
+        return None
+    from opera_jax.cpu import blas
+
+    return blas if blas.applies(*arrays) else None
+
+
 def _dense(a, kernel, bias):
-    """:func:`_plain_dense`, its product through MKL on CPU where it is installed (``cpu_blas.py``)."""
-    if cpu_blas.applies(a, kernel):
+    """:func:`_plain_dense`, its product through MKL on CPU where it is installed (``cpu/blas.py``)."""
+    if cpu_blas := _cpu_blas(a, kernel):
         return _with_bias(cpu_blas.matmul(_rows(a), kernel).reshape(*a.shape[:-1], kernel.shape[1]), bias)
     return _plain_dense(a, kernel, bias)
 
@@ -167,8 +174,8 @@ def _dense_fwd(x, kernel, bias):
 def _dense_grads(a, kernel, g):
     """``(g W^T, a^T g, sum of g)`` for ``[tokens, in]`` inputs ``a`` and ``[tokens, out]`` cotangents
     ``g``: the gradients of a dense layer, its weight gradient contracted over the tokens directly
-    (on CPU through MKL where it is installed, ``cpu_blas.py``)."""
-    if cpu_blas.applies(a, kernel, g):
+    (on CPU through MKL where it is installed, ``cpu/blas.py``)."""
+    if cpu_blas := _cpu_blas(a, kernel, g):
         return cpu_blas.matmul_t(g, kernel), cpu_blas.t_matmul(a, g).astype(kernel.dtype), g.sum(0)
     da = jax.lax.dot_general(g, kernel, (((1,), (1,)), ((), ())))
     if a.shape[1] > g.shape[1]:  # a narrowing layer (the feed-forward output)
@@ -302,12 +309,17 @@ def _attention_bwd(rate, res, g):
     dv = jnp.matmul(_drop(p_t, keep_t, rate).astype(g.dtype), g)
     dp_t = _drop(jnp.matmul(v, _t(g)).astype(jnp.float32), keep_t, rate)
     ds_t = p_t * (dp_t - (dp_t * p_t).sum(-2, keepdims=True))
-    axes = tuple(i for i, n in enumerate(bias_t.shape) if n == 1 and ds_t.shape[i] != 1)
-    dbias = _t((ds_t.sum(axes, keepdims=True) if axes else ds_t).reshape(bias_t.shape))
+    dbias = _t(_summed_to(ds_t, bias_t.shape))
     ds_t = ds_t.astype(q.dtype)
-    dk = jnp.matmul(ds_t, q)
+    dk = _summed_to(jnp.matmul(ds_t, q), k.shape)
     dq = jnp.matmul(_t(ds_t), k)
-    return dq, dk, dv.astype(v.dtype), dbias.astype(bias.dtype), None
+    return dq, dk.astype(k.dtype), _summed_to(dv, v.shape).astype(v.dtype), dbias.astype(bias.dtype), None
+
+
+def _summed_to(x, shape):
+    """``x`` summed over the axes where ``shape`` broadcast against it (size 1 there)."""
+    axes = tuple(i for i, n in enumerate(shape) if n == 1 and x.shape[i] != 1)
+    return (x.sum(axes, keepdims=True) if axes else x).reshape(shape)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -316,32 +328,11 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array,
               keep: jax.Array | None = None, rate: float = 0.0) -> jax.Array:
     """``dropout(softmax(q k^T + bias)) v`` over ``[..., n, head_dim]`` arrays (``q`` already
-    scaled), softmax in f32; ``bias`` broadcasts against the ``[..., n, n]`` logits; ``keep``:
+    scaled), softmax in f32; ``k``, ``v`` and ``bias`` broadcast against ``q`` and the ``[..., n, n]``
+    logits (a group of query heads against one key/value head: a size-1 axis); ``keep``:
     the dropout's boolean keep-mask (``None``: no dropout), kept entries scaled by ``1/(1-rate)``.
 
     The backward pass recomputes the probabilities from ``q``, ``k`` and the saved
     row statistics, as flash attention does, instead of keeping the ``[..., n, n]``
     probabilities of every layer until the backward pass reaches it."""
     return _attention(q, k, v, bias, keep, rate)
-
-
-def multi_head_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array,
-                         keep: jax.Array | None = None, rate: float = 0.0,
-                         qkv_bias: tuple[jax.Array, jax.Array, jax.Array] | None = None,
-                         scale: float = 1.0) -> jax.Array:
-    """:func:`attention` of ``(q + bq) * scale``, ``k + bk`` and ``v + bv`` for ``[b, n, heads, head_dim]``
-    q, k, v (the projections' own layout, without their biases ``qkv_bias = (bq, bk, bv)``, each
-    ``[heads * head_dim]``; ``None``: none), returning ``[b, n, heads, head_dim]``; ``keep`` stays
-    ``[b, heads, n, n]``. On CPU (f32, key-padding bias) one C++ kernel per pass
-    (``cpu_attention.py``) that reads and writes this layout and takes the biases and the scale
-    itself; elsewhere :func:`attention` between head transposes."""
-    if not PLAIN and cpu_attention.applies(q, k, v, bias):
-        return cpu_attention.attention(q, k, v, bias, keep, rate, qkv_bias, scale)
-    if qkv_bias is not None:
-        q, k, v = (x + b.reshape(x.shape[2:]).astype(x.dtype) for x, b in zip((q, k, v), qkv_bias))
-    if scale != 1.0:
-        q = q * scale
-    # Explicit transposes and batched matmuls: on XLA:CPU 2.6x faster than the equivalent
-    # einsums ("bqhd,bkhd->bhqk"), whose layout changes are not fused with the dots.
-    t = lambda x: x.transpose(0, 2, 1, 3)
-    return t(attention(t(q), t(k), t(v), bias, keep, rate))

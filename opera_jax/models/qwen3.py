@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from opera_jax.errors import InputError
+from opera_jax.models import attention
 from opera_jax.models.bert import Precision
 from opera_jax.models.remat import checkpointed, policy_name
 
@@ -146,7 +147,8 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 class Qwen3Attention(nnx.Module):
     """Grouped-query causal self-attention with per-head q/k RMSNorm and rotary embeddings."""
 
-    def __init__(self, c: Qwen3Config, p: Precision, rngs: nnx.Rngs):
+    def __init__(self, c: Qwen3Config, p: Precision, implementation: str, rngs: nnx.Rngs):
+        self.implementation = implementation  # a name of attention.IMPLEMENTATIONS
         self.num_heads = c.num_attention_heads
         self.num_kv_heads = c.num_key_value_heads
         self.head_dim = c.head_dim
@@ -158,20 +160,21 @@ class Qwen3Attention(nnx.Module):
         self.key_norm = RMSNorm(c.head_dim, c.rms_norm_eps, p)
         self.attn_dropout = nnx.Dropout(c.attention_dropout, rngs=rngs)
 
-    def __call__(self, h: jax.Array, rope: tuple[jax.Array, jax.Array], bias: jax.Array) -> jax.Array:
+    def __call__(self, h: jax.Array, rope: tuple[jax.Array, jax.Array], mask: jax.Array) -> jax.Array:
         b, n, _ = h.shape
-        kv, group, hd = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
-        cos, sin = rope
-        # Query head j * group + r reads key/value head j (transformers' repeat_kv
-        # order); the group axis stands in for repeating keys and values.
-        q = self.query_norm(self.query(h).reshape(b, n, kv, group, hd)).transpose(0, 2, 3, 1, 4)
-        k = self.key_norm(self.key(h).reshape(b, n, kv, hd)).transpose(0, 2, 1, 3)[:, :, None]
-        v = self.value(h).reshape(b, n, kv, hd).transpose(0, 2, 1, 3)[:, :, None]
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        logits = (q @ k.swapaxes(-1, -2)).astype(jnp.float32) * (hd**-0.5)  # [b, kv, group, n, n]
-        probs = jax.nn.softmax(logits + bias, axis=-1).astype(v.dtype)  # f32 softmax
-        ctx = self.attn_dropout(probs) @ v  # [b, kv, group, n, hd]
-        return self.out(ctx.transpose(0, 3, 1, 2, 4).reshape(b, n, self.num_heads * hd))
+        heads, kv, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        implementation = attention.resolve(self.implementation, self.query.dtype)
+        cos, sin = (x[:, None] for x in rope)  # [n, 1, hd]: over the heads
+        # [b, n, heads, hd] against [b, n, kv, hd]: query head j * group + r reads key/value head j
+        # (transformers' repeat_kv order); nothing is repeated in memory.
+        q = apply_rotary(self.query_norm(self.query(h).reshape(b, n, heads, hd)), cos, sin)
+        k = apply_rotary(self.key_norm(self.key(h).reshape(b, n, kv, hd)), cos, sin)
+        v = self.value(h).reshape(b, n, kv, hd)
+        keep = (attention.keep_mask(self.attn_dropout, (b, heads, n, n), q)
+                if attention.takes_dropout(implementation) else None)
+        ctx = attention.attend(q, k, v, mask, implementation=implementation, causal=True, scale=hd**-0.5,
+                               keep=keep, rate=self.attn_dropout.rate)
+        return self.out(ctx.reshape(b, n, heads * hd))
 
 
 class Qwen3MLP(nnx.Module):
@@ -187,19 +190,20 @@ class Qwen3MLP(nnx.Module):
 
 
 class Qwen3Layer(nnx.Module):
-    def __init__(self, c: Qwen3Config, p: Precision, rngs: nnx.Rngs):
+    def __init__(self, c: Qwen3Config, p: Precision, implementation: str, rngs: nnx.Rngs):
         self.attention_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, p)
-        self.attention = Qwen3Attention(c, p, rngs)
+        self.attention = Qwen3Attention(c, p, implementation, rngs)
         self.mlp_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, p)
         self.mlp = Qwen3MLP(c, p, rngs)
 
-    def __call__(self, h: jax.Array, rope: tuple[jax.Array, jax.Array], bias: jax.Array) -> jax.Array:
-        h = h + self.attention(self.attention_norm(h), rope, bias)
+    def __call__(self, h: jax.Array, rope: tuple[jax.Array, jax.Array], mask: jax.Array) -> jax.Array:
+        h = h + self.attention(self.attention_norm(h), rope, mask)
         return h + self.mlp(self.mlp_norm(h))
 
 
 class Qwen3Model(nnx.Module):
-    """Token ids -> last hidden states. ``remat``: a policy of ``remat.py`` (``True`` = ``"full"``), per layer."""
+    """Token ids -> last hidden states. ``remat``: a policy of ``remat.py`` (``True`` = ``"full"``), per
+    layer; ``attention``: a name of ``attention.IMPLEMENTATIONS`` (``"auto"``: by backend and dtype)."""
 
     def __init__(
         self,
@@ -207,6 +211,7 @@ class Qwen3Model(nnx.Module):
         *,
         precision: Precision = Precision(),
         remat: bool | str = False,
+        attention: str = "auto",
         rngs: nnx.Rngs,
     ):
         self.config = config
@@ -214,26 +219,14 @@ class Qwen3Model(nnx.Module):
         self.embed = nnx.Embed(
             config.vocab_size, config.hidden_size, dtype=precision.dtype, param_dtype=precision.param_dtype, rngs=rngs
         )
-        self.layers = nnx.List([Qwen3Layer(config, precision, rngs) for _ in range(config.num_hidden_layers)])
+        self.layers = nnx.List([Qwen3Layer(config, precision, attention, rngs)
+                                for _ in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, precision)
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
         c = self.config
         rope = rotary_tables(input_ids.shape[1], c.head_dim, c.rope_theta)
-        bias = causal_bias(attention_mask)
         h = self.embed(input_ids)
         for layer in self.layers:
-            h = checkpointed(layer, self.remat)(h, rope, bias)
+            h = checkpointed(layer, self.remat)(h, rope, attention_mask)
         return self.norm(h)
-
-
-def causal_bias(attention_mask: jax.Array) -> jax.Array:
-    """``[batch, length]`` 0/1 mask -> additive f32 bias ``[batch, 1, 1, length, length]``.
-
-    Query ``i`` may attend to key ``j`` when ``j <= i`` and key ``j`` is a real
-    token. A padded query (left padding) attends to nothing real; its row is
-    left finite (uniform weights) and its output is never read.
-    """
-    n = attention_mask.shape[1]
-    allowed = jnp.tril(jnp.ones((n, n), bool))[None] & (attention_mask[:, None, :] > 0)
-    return jnp.where(allowed, 0.0, jnp.finfo(jnp.float32).min)[:, None, None].astype(jnp.float32)

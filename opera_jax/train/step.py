@@ -30,7 +30,6 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from opera_jax.host_memory import release_free_memory
 from opera_jax.train.gradcache import cached_loss_and_grad
 from opera_jax.train.loss import contrastive_loss
 
@@ -153,7 +152,10 @@ class TrainStep:
     def compile(self, state: TrainState, batch: dict) -> None:
         """Compile for these shapes without running (nothing is donated); later calls reuse it."""
         self.lower(state, batch).compile()
-        release_free_memory()  # the compiler's freed memory, back to the system (host_memory.py)
+        if jax.default_backend() == "cpu":
+            from opera_jax.cpu.host_memory import release_free_memory
+
+            release_free_memory()  # the compiler's freed memory, back to the system (cpu/host_memory.py)
 
 
 def _mesh_context(mesh):

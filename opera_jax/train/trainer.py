@@ -68,8 +68,8 @@ SPEC_FIELDS = ("pooling", "normalize", "query_prefix", "passage_prefix", "paddin
 def load_model(config: Config) -> Encoder:
     m = config.model
     overrides = {k: getattr(m, k) for k in SPEC_FIELDS if getattr(m, k) is not None}
-    precision = Precision(dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype))
-    return load_encoder(m.name, precision=precision, remat=m.remat, seed=config.seed, overrides=overrides)
+    return load_encoder(m.name, precision=Precision.named(m.dtype, m.param_dtype), remat=m.remat,
+                        attention=m.attention, seed=config.seed, overrides=overrides)
 
 
 @dataclasses.dataclass

@@ -1,8 +1,8 @@
 """What the C++ kernels for XLA:CPU share: compiling them, where they are kept, turning them off,
 and running them per device.
 
-The kernels (``csrc/*.cc``: attention in ``cpu_attention.py``, matrix products through MKL in
-``cpu_blas.py``) are XLA FFI handlers compiled from source the first time a process needs them,
+The kernels (``csrc/*.cc``: attention in ``attention.py``, matrix products through MKL in
+``blas.py``) are XLA FFI handlers compiled from source the first time a process needs them,
 with the C++ compiler of ``$CXX`` (default ``g++``, else ``c++``) and ``-O3 -march=native``, into
 ``$OPERA_CACHE_DIR/kernels`` (default ``~/.cache/opera_jax/kernels``): one library per source (with
 the headers beside it), compiler, flags, linked libraries, jaxlib and CPU; later processes load it

@@ -7,7 +7,7 @@ MKL's, and on two threads it ran ``[tokens, 384] @ [384, 384]`` on one of them
 x86-64 Linux) every product of :func:`ops.dense` and :func:`ops.gelu_dense`, forward, input
 gradient and weight gradient, is one custom call: MKL's single-threaded SGEMM (its sequential
 layer: no OpenMP threads of its own) on row blocks of the result spread over XLA:CPU's intra-op
-threads. The kernel is compiled and cached like the attention kernel (``cpu_kernels.py``), linked
+threads. The kernel is compiled and cached like the attention kernel (``kernels.py``), linked
 against the wheel's libraries; the key includes MKL's version.
 
 Without MKL, without a C++ compiler, off CPU, in bf16, inside ``cpu_kernels.disabled()`` or with
@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from opera_jax.models import cpu_kernels
+from opera_jax.cpu import kernels as cpu_kernels
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def available() -> bool:
 
 def sgemm_address() -> int | None:
     """The address of MKL's ``cblas_sgemm`` (LP64, sequential), as loaded with the kernel; ``None``
-    without it. The attention kernel runs its products through it (``cpu_attention.py``)."""
+    without it. The attention kernel runs its products through it (``attention.py``)."""
     lib = _library()
     return None if lib is None else ctypes.cast(lib.cblas_sgemm, ctypes.c_void_p).value
 

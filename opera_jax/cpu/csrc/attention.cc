@@ -5,7 +5,7 @@
 // (sequence, head) pair's `[n, n]` scores stay in a per-thread buffer (64 KB at n = 128, in L2), q, k and
 // v are read straight from the `[batch, n, heads, head_dim]` layout of the projections (no
 // transposes), and the backward pass recomputes the probabilities from the saved row maxima and
-// reciprocal row sums, as `ops.attention` does. The Python side is `cpu_attention.py`; the
+// reciprocal row sums, as `ops.attention` does. The Python side is `opera_jax/cpu/attention.py`; the
 // independent reference the tests compare with is `ops.attention`.
 //
 // Arrays (f32; `kept_scale` = 1 / (1 - rate) with dropout, 0 without; `scale` the logits' factor):
@@ -24,12 +24,12 @@
 // projections (q + bq, ...), so the biases' are their sums over the tokens.
 //
 // Matrix products (attribute `blas` = 0) run through one register-tiled kernel written with GCC vector
-// extensions (16 floats), compiled with -march=native when first used (`cpu_attention.py`). k, g and the
+// extensions (16 floats), compiled with -march=native when first used (`opera_jax/cpu/attention.py`). k, g and the
 // results are read and written in place where the head size is a multiple of 16 (all presets'), else
 // through zero-padded copies, and k and v + bv are transposed into buffers where a product needs them
 // so. With `blas` = 1 they are
 // calls of the SGEMM that `OperaAttentionUseSgemm` was given (MKL's, where the `mkl` extra is installed:
-// `cpu_blas.py`), which reads and writes every head in place, transposed or not: at n = 128 it ran these
+// `opera_jax/cpu/blas.py`), which reads and writes every head in place, transposed or not: at n = 128 it ran these
 // products at about twice the tiled kernel's rate (`benchmarks/README.md`). Score rows are padded to a
 // multiple of 16 keys, the padding masked with -inf. Everything is computed in f32, each (sequence, head)
 // pair by one thread in a fixed order: results do not depend on the thread count.
@@ -472,7 +472,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(OperaAttentionBackward, AttentionBackward,
                               bind_attrs(bind_inputs().Arg<F32>().Arg<F32>().Arg<F32>())
                                   .Ret<F32>().Ret<F32>().Ret<F32>().Ret<F32>());
 
-// Where the products of calls with `blas` = 1 go: a CBLAS `cblas_sgemm` (cpu_attention.py passes MKL's).
+// Where the products of calls with `blas` = 1 go: a CBLAS `cblas_sgemm` (cpu/attention.py passes MKL's).
 extern "C" __attribute__((visibility("default"))) void OperaAttentionUseSgemm(void* fn) {
   sgemm = reinterpret_cast<Sgemm>(fn);
 }

@@ -13,7 +13,7 @@ It takes the q, k, v projections without their biases, and the biases and the
 logits' scale as operands: adding a bias to q, k and v would be a pass over each in
 memory, one elementwise op per projection per layer (``attention``'s docstring says
 how the kernel does without). Pairs are spread over XLA:CPU's intra-op threads.
-Where the dense layers' products go to MKL (``cpu_blas.py``: the ``mkl`` extra, not
+Where the dense layers' products go to MKL (``blas.py``: the ``mkl`` extra, not
 turned off), so do the kernel's: MKL's SGEMM reads each head in place, transposed or
 not, and ran them at about twice the rate of the kernel's own tiled GEMM at n = 128
 (the attention as a whole, forward and backward, ~15% faster there); elsewhere the
@@ -21,7 +21,7 @@ kernel uses its own. The results equal ``ops.attention``'s to float rounding eit
 way (``tests/test_cpu_attention.py``).
 
 The kernel is compiled from source the first time a process uses it (~5 s; where and how:
-``cpu_kernels.py``). Without a working compiler, or with ``OPERA_JAX_CPU_ATTENTION=0``, nothing is
+``kernels.py``). Without a working compiler, or with ``OPERA_JAX_CPU_ATTENTION=0``, nothing is
 compiled and the model uses ``ops.attention`` (a one-line warning says why).
 
 Used by the model when the computation runs on CPU (``jax.default_backend()``) in
@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from opera_jax.models import cpu_blas, cpu_kernels
+from opera_jax.cpu import blas as cpu_blas, kernels as cpu_kernels
 
 SOURCE = cpu_kernels.CSRC / "attention.cc"
 # pass -> (XLA custom-call target, the library's handler symbol)

@@ -1,5 +1,5 @@
 // Dense-layer matrix products for XLA:CPU through the XLA FFI: Intel oneMKL's single-threaded SGEMM,
-// the rows of the result split over XLA:CPU's intra-op threads. The Python side is `cpu_blas.py`.
+// the rows of the result split over XLA:CPU's intra-op threads. The Python side is `opera_jax/cpu/blas.py`.
 //
 // XLA:CPU runs a lone dot through Eigen. For the encoder's shapes on an AVX-512 Xeon that is 15-22%
 // below MKL for the weight gradients (both operands contracted over the tokens), and on two threads
