@@ -83,14 +83,14 @@ def train_step_seconds() -> float:
     """A real MiniLM train step at shape 16 x 64 + 32 x 128 (random weights and tokens)."""
     from flax import nnx
 
-    from opera_jax.models.bert import BertConfig, BertModel
+    from opera_jax.models.bert import BertConfig, BertModel, Precision
     from opera_jax.models.encoder import Retriever
     from opera_jax.train.optim import make_optimizer
     from opera_jax.train.step import init_state, make_train_step
 
     config = BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
                         intermediate_size=1536)
-    model = Retriever(BertModel(config, rngs=nnx.Rngs(0)), "mean", True)
+    model = Retriever(BertModel(config, precision=Precision.named("auto"), rngs=nnx.Rngs(0)), "mean", True)
     model.train()
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     opt = make_optimizer(1e-5, 100)
