@@ -135,13 +135,15 @@ def _slurm_job_id() -> int:
     """A job id whose coordinator port (JAX's SLURM rule: 61440 + id % 4096) is free here."""
     import socket
 
-    for job in range(int(time.time()) % 4096, int(time.time()) % 4096 + 4096):
+    start = int(time.time())
+    for offset in range(4096):
+        port = 61440 + (start + offset) % 4096
         with socket.socket() as s:
             try:
-                s.bind(("127.0.0.1", 61440 + job % 4096))
+                s.bind(("127.0.0.1", port))
             except OSError:
                 continue
-        return 100000 + job % 4096
+        return 4096 * 100 + port - 61440  # job id % 4096 == port - 61440
     raise RuntimeError("no free port in 61440-65535")
 
 
