@@ -70,6 +70,10 @@ shift $((OPTIND - 1))
 if [[ -z "$name" ]]; then fail "-n NAME is required (see --help)"; fi
 if [[ -z "$zone" ]]; then fail "-z ZONE is required (see --help)"; fi
 if [[ $# -eq 0 ]]; then fail "no command given (see --help)"; fi
+if ((dry_run == 0)); then
+  command -v gcloud >/dev/null || fail "gcloud not found: install the Google Cloud SDK (or look first with --dry-run)"
+  [[ "$data" == gs://* || -d "$data" ]] || fail "-d $data: no such directory (nor a gs:// URL)"
+fi
 
 gc=(gcloud compute tpus tpu-vm)
 where=(--zone "$zone")
