@@ -15,7 +15,7 @@ prefixed with "[i]".
   -n PROCESSES   number of processes (default 2)
   -d DEVICES     simulated CPU devices per process (default 2)
   -p PORT        coordinator port (default: a free one)
-  -h             this help
+  -h, --help     this help
 
 Environment each process gets (what opera_jax.distributed.initialize reads):
   OPERA_COORDINATOR=127.0.0.1:PORT  OPERA_NUM_PROCESSES=N  OPERA_PROCESS_ID=i
@@ -27,19 +27,26 @@ that process's status: a failure on one process never leaves the rest hanging.
 EOF
 }
 
+fail() { echo "local_multiprocess.sh: $*" >&2; exit 2; }
+
 procs=2 devices=2 port=""
-while getopts "n:d:p:h" opt; do
+while getopts ":n:d:p:h-:" opt; do
   case "$opt" in
     n) procs=$OPTARG ;;
     d) devices=$OPTARG ;;
     p) port=$OPTARG ;;
     h) usage; exit 0 ;;
-    *) usage >&2; exit 2 ;;
+    -) if [[ "$OPTARG" == help ]]; then usage; exit 0; fi
+       fail "unknown option --$OPTARG (see --help)" ;;
+    :) fail "option -$OPTARG needs a value (see --help)" ;;
+    *) fail "unknown option -$OPTARG (see --help)" ;;
   esac
 done
 shift $((OPTIND - 1))
-[[ "${1:-}" == "--" ]] && shift
-if [[ $# -eq 0 ]]; then usage >&2; exit 2; fi
+if [[ $# -eq 0 ]]; then fail "no command given; usage: launch/local_multiprocess.sh [-n PROCESSES] [-d DEVICES] [-p PORT] -- COMMAND (see --help)"; fi
+for v in "$procs" "$devices"; do
+  if [[ ! "$v" =~ ^[1-9][0-9]*$ ]]; then fail "-n and -d want positive numbers, got '$v'"; fi
+done
 if [[ -z "$port" ]]; then
   port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 fi

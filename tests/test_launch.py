@@ -2,7 +2,12 @@
 2 processes x 2 CPU devices; a process killed mid-run brings the job down instead of hanging;
 resuming on 2 processes continues exactly; and the whole 2-process run (the steps before the kill
 and those after the resume) equals 1 process x 4 devices running the same 24 steps uninterrupted:
-losses, evaluations, DP's plans and the exported parameters."""
+losses, evaluations, DP's plans and the exported parameters.
+
+``launch/slurm_multinode.sbatch`` runs for real too, under bash with the variables SLURM gives the
+batch shell of a 2-node job on 127.0.0.1 and a stand-in ``srun`` (``tests/fakes/srun``) that starts
+its 2 tasks here: the start-up path of a SLURM job (``OPERA_DISTRIBUTED=auto``, JAX's own SLURM
+detection) trains like 1 process."""
 
 import json
 import os
@@ -15,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
+
+from opera_jax.distributed import COORDINATOR_ENV, NUM_PROCESSES_ENV, PROCESS_ID_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCHER = ROOT / "launch" / "local_multiprocess.sh"
@@ -35,7 +42,7 @@ def _args(out: Path, *extra: str) -> list[str]:
 
 def _env(tmp_path: Path, devices: int | None = None) -> dict:
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "OPERA_CACHE_DIR": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
-    for k in ("OPERA_COORDINATOR", "OPERA_NUM_PROCESSES", "OPERA_PROCESS_ID"):
+    for k in (COORDINATOR_ENV, NUM_PROCESSES_ENV, PROCESS_ID_ENV):
         env.pop(k, None)
     if devices is not None:
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
@@ -115,6 +122,64 @@ def test_killed_process_fails_the_job_and_two_processes_resumed_train_like_one(t
 
 def test_launcher_help_and_usage_errors():
     ok = subprocess.run(["bash", str(LAUNCHER), "-h"], capture_output=True, text=True)
-    assert ok.returncode == 0 and "OPERA_COORDINATOR" in ok.stdout
+    assert ok.returncode == 0 and COORDINATOR_ENV in ok.stdout
     bad = subprocess.run(["bash", str(LAUNCHER)], capture_output=True, text=True)
-    assert bad.returncode == 2 and "usage" in bad.stderr
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "usage" in bad.stderr
+
+
+SBATCH = ROOT / "launch" / "slurm_multinode.sbatch"
+FAKES = ROOT / "tests" / "fakes"  # srun
+
+
+def _slurm_job_id() -> int:
+    """A job id whose coordinator port (JAX's SLURM rule: 61440 + id % 4096) is free here."""
+    import socket
+
+    start = int(time.time())
+    for offset in range(4096):
+        port = 61440 + (start + offset) % 4096
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return 4096 * 100 + port - 61440  # job id % 4096 == port - 61440
+    raise RuntimeError("no free port in 61440-65535")
+
+
+def _batch_env(tmp_path: Path, nodes: int, devices: int) -> dict:
+    """What sbatch gives the batch shell of a job of ``nodes`` nodes x 1 task (on 127.0.0.1, each
+    node with ``devices`` simulated CPU devices standing in for its GPUs), plus the stand-in srun."""
+    venv = Path(sys.prefix)
+    if not (venv / "bin" / "activate").exists():  # not in a venv: an activate that finds this Python
+        venv = tmp_path / "venv"
+        (venv / "bin").mkdir(parents=True)
+        (venv / "bin" / "activate").write_text(f'PATH="{Path(sys.executable).parent}:$PATH"\n')
+    job = _slurm_job_id()
+    return {
+        **_env(tmp_path, devices),
+        "PATH": f"{FAKES}:{os.environ['PATH']}", "OPERA_VENV": str(venv),
+        "SLURM_JOB_ID": str(job), "SLURM_JOBID": str(job), "SLURM_JOB_NAME": "opera-jax",
+        "SLURM_JOB_NODELIST": ",".join(["127.0.0.1"] * nodes), "SLURM_NODELIST": ",".join(["127.0.0.1"] * nodes),
+        "SLURM_JOB_NUM_NODES": str(nodes), "SLURM_NNODES": str(nodes), "SLURM_NTASKS": str(nodes),
+        "SLURM_NPROCS": str(nodes), "SLURM_NTASKS_PER_NODE": "1", "SLURM_GPUS_ON_NODE": str(devices),
+        "SLURM_NODEID": "0", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_SUBMIT_DIR": str(ROOT),
+    }
+
+
+@pytest.mark.slow
+def test_slurm_job_of_two_nodes_trains_like_one_process(tmp_path):
+    steps = ["optim.max_steps=2", "train.eval_every=2", "train.checkpoint_every=2"]
+    one = tmp_path / "one"
+    subprocess.run(_args(one, *steps), env=_env(tmp_path, 4), check=True, timeout=900, cwd=ROOT)
+    two = tmp_path / "slurm"
+    train_args = _args(two, *steps)[4:]  # what follows `opera-jax train`
+    job = subprocess.run(["bash", str(SBATCH), *train_args], env=_batch_env(tmp_path, 2, 2), cwd=tmp_path,
+                         timeout=900, capture_output=True, text=True)
+    assert job.returncode == 0, job.stderr[-3000:]
+    a, b = _rows(one / "train_log.jsonl"), _rows(two / "train_log.jsonl")
+    assert [r["step"] for r in a] == [1, 2] == [r["step"] for r in b]
+    np.testing.assert_allclose([r["loss"] for r in b], [r["loss"] for r in a], atol=1e-5)
+    assert _max_param_diff(one, two) <= 1e-5
+    # one job, not two lone processes (each its own process 0, and as exact with 2 devices as with 4):
+    assert job.stdout.count("final: ndcg@10") == 1  # only process 0 of the 2 reports
