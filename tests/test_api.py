@@ -146,3 +146,17 @@ def test_readme_example_runs(minilm_dir, tmp_path, monkeypatch, capsys):
     assert len(final) == 1 and "ndcg@10" in final[0]
     meta = parse_front_matter((tmp_path / "runs" / "api-demo" / "model" / "README.md").read_text())
     assert meta["base_model"] == "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def test_a_jsonl_data_path_is_read_with_a_held_out_tenth(tiny_bert_dir, tmp_path, mesh1):
+    from opera_jax.train.trainer import prepare
+
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps({"query": f"query {i}", "pos": [f"passage {i}"], "neg": [f"passage {i + 1}"]})
+                            + "\n" for i in range(30)))
+    config = load_config(None, [f"model.name={tiny_bert_dir}", f"data.path={path}", "seed=5"])
+    setup = prepare(config, mesh1)
+    held = setup.given.eval
+    assert setup.data_dir is None and len(held.queries) == 3 and setup.ts.num_queries == 27
+    assert not set(held.queries.ids) & set(setup.ts.query_ids)
+    assert setup.given.negatives["q1"] == [setup.train_split.corpus.ids[setup.train_split.corpus.texts.index("passage 1")]]
