@@ -143,7 +143,8 @@ def test_readme_example_runs(minilm_dir, tmp_path, monkeypatch, capsys):
     hits = eval(out[1])
     assert hits[0][0][0] == 1 and hits[1][0][0] == 2  # the Eiffel Tower; dense retrievers
     final = [line for line in out if line.startswith("runs/api-demo ")]  # the trainer also logs its evaluations
-    assert len(final) == 1 and "ndcg@10" in final[0]
+    assert len(final) == 1 and "ndcg@10" in final[0] and "'README.md'" in final[0]
+    assert eval(out[-1])[0][0][0] == "d3"
     meta = parse_front_matter((tmp_path / "runs" / "api-demo" / "model" / "README.md").read_text())
     assert meta["base_model"] == "sentence-transformers/all-MiniLM-L6-v2"
 
