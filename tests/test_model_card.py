@@ -123,3 +123,23 @@ def test_sentence_transformers_loads_the_export_and_its_card(tiny_bert_dir, tmp_
     np.testing.assert_allclose(theirs, ours.encode_queries(texts), atol=1e-5)
     np.testing.assert_allclose(model.encode_document(texts, convert_to_numpy=True), ours.encode_passages(texts),
                                atol=1e-5)
+
+
+def test_push_without_a_network_is_one_clear_error(tiny_bert_dir, tmp_path, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    out = export_encoder(load_encoder(str(tiny_bert_dir)), tmp_path / "m")
+    ConnectError = type("ConnectError", (Exception,), {"__module__": "httpx2._exceptions"})  # as httpx2 raises it
+
+    class Unreachable:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, *args, **kwargs):
+            raise ConnectError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "HfApi", Unreachable)
+    with pytest.raises(InputError, match="the hub cannot be reached .*Name or service not known"):
+        publish.push_to_hub(out, "me/tiny")

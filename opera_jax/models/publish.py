@@ -57,7 +57,7 @@ def push_to_hub(model_dir: str | Path, repo_id: str, *, private: bool = False, t
         raise InputError(f"--push-to-hub {repo_id}: upload failed ({type(e).__name__}: {e}); "
                          f"the model is exported in {model_dir}") from None
     except Exception as e:  # the HTTP client's own connection errors (httpx / requests)
-        if type(e).__module__.split(".")[0] in ("httpx", "httpcore", "requests", "urllib3"):
+        if type(e).__module__.startswith(("httpx", "httpcore", "requests", "urllib3")):  # httpx2 too
             raise InputError(f"--push-to-hub {repo_id}: the hub cannot be reached ({e}); "
                              f"the model is exported in {model_dir}") from None
         raise
