@@ -150,7 +150,10 @@ def _paired(a: np.ndarray, b: np.ndarray, rounds: int = 10000) -> dict:
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit('plots need matplotlib: pip install "opera-jax[plots]"') from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

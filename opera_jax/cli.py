@@ -84,6 +84,10 @@ def _export(args: argparse.Namespace) -> None:
     from opera_jax.train.trainer import export_run
 
     print(f"wrote {export_run(args.run, args.out, args.step)}")
+    if args.push_to_hub:
+        from opera_jax.models.publish import push_to_hub
+
+        print(f"pushed to {push_to_hub(args.out, args.push_to_hub, private=args.private)}")
 
 
 def _plan(args: argparse.Namespace) -> None:
@@ -152,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("run", type=Path, help="the run directory (holds config.yaml and checkpoints/)")
     ex.add_argument("--out", type=Path, required=True)
     ex.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    ex.add_argument("--push-to-hub", metavar="NAME", default=None,
+                    help="also upload the export to the Hugging Face hub as NAME (owner/model)")
+    ex.add_argument("--private", action="store_true", help="with --push-to-hub: create a private repository")
     ex.set_defaults(func=_export)
 
     pl = sub.add_parser("plan", help="per-device memory and FLOPs of a config's train step (compiled, no weights)")

@@ -139,11 +139,15 @@ def default_data_root() -> Path:
 def resolve_data_dir(path: str | os.PathLike[str] | None = None) -> Path:
     """A collection folder or a root of collections.
 
-    Order: the explicit ``path``; else ``$OPERA_DATA_DIR``; else :func:`default_data_root`. A bare
+    Order: the explicit ``path`` (``beir/<name>``: the hub collection, see ``hub_data``); else ``$OPERA_DATA_DIR``; else :func:`default_data_root`. A bare
     name such as ``"scifact"`` that is not an existing path is looked up under ``$OPERA_DATA_DIR``
     (when set), then under the default root. Raises InputError when nothing exists.
     """
     env = os.environ.get(DATA_ENV) or None
+    if path is not None and str(path).startswith("beir/") and not Path(path).expanduser().exists():
+        from opera_jax.data.hub_data import fetch_beir  # a hub collection by name, fetched once
+
+        return fetch_beir(str(path)[len("beir/"):])
     if path is not None:
         given = Path(path).expanduser()
         if given.exists():

@@ -4,9 +4,10 @@ The directory holds what ``transformers.AutoModel`` and ``AutoTokenizer`` load
 (``config.json``, ``model.safetensors``, the tokenizer files) plus the
 sentence-transformers module files (``modules.json``, ``1_Pooling/``,
 ``2_Normalize/`` when embeddings are normalised, ``sentence_bert_config.json``,
-``config_sentence_transformers.json``) that declare the pooling, normalisation,
-max length and prompts. ``load_encoder`` reads the same files back to an equal
-``EncoderSpec``.
+``config_sentence_transformers.json``, with the version block sentence-transformers
+writes) that declare the pooling, normalisation, max length and prompts, and a
+``README.md`` model card (``model_card.py``). ``load_encoder`` reads the same
+files back to an equal ``EncoderSpec``.
 
 The export is atomic as a whole: everything is written into a hidden sibling
 directory, which is then renamed onto the target. A target that already holds
@@ -30,6 +31,7 @@ from safetensors.numpy import save_file
 from opera_jax.errors import InputError
 from opera_jax.io_utils import write_json
 from opera_jax.models.encoder import ARCHITECTURES, Encoder, EncoderSpec, Retriever
+from opera_jax.models.model_card import CardInfo, card_title, hub_id, render
 from opera_jax.models.weights import SINGLE_FILE, NameMap, checkpoint_files, hf_state_dict
 
 # Tensors the transformers model class has but a retriever never uses (BERT's
@@ -47,12 +49,14 @@ POOLING_FLAGS = {
 }
 
 
-def export_encoder(encoder: Encoder, out_dir: str | Path, *, model: Retriever | None = None) -> Path:
+def export_encoder(encoder: Encoder, out_dir: str | Path, *, model: Retriever | None = None,
+                   card: CardInfo | None = None) -> Path:
     """Write ``encoder`` (with the parameters of ``model``, by default ``encoder.model``) to ``out_dir``.
 
     ``model`` is typically the finetuned ``Retriever`` of a trainer: its backbone
     parameters are exported, and everything else (config, tokenizer, spec) comes
-    from ``encoder``. An existing ``out_dir`` is replaced. Returns ``out_dir``.
+    from ``encoder``. ``card``: how it was trained, for ``README.md`` (default: the
+    source model only). An existing ``out_dir`` is replaced. Returns ``out_dir``.
     """
     model = encoder.model if model is None else model
     if (model.pooling, model.normalize) != (encoder.spec.pooling, encoder.spec.normalize):
@@ -70,6 +74,10 @@ def export_encoder(encoder: Encoder, out_dir: str | Path, *, model: Retriever | 
         _write_model(encoder, model, tmp)
         _tokenizer_files(encoder, tmp)
         _sentence_transformers_files(encoder.spec, encoder.config.hidden_size, tmp)
+        card = card or CardInfo(base_model=hub_id(None, encoder.source))
+        (tmp / "README.md").write_text(render(card, encoder.spec, dim=encoder.config.hidden_size,
+                                              architecture=encoder.architecture, ref=str(out_dir.resolve()),
+                                              title=card_title(out_dir)), encoding="utf-8")
         _swap_in(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -158,9 +166,26 @@ def _sentence_transformers_files(spec: EncoderSpec, hidden_size: int, out: Path)
     write_json(
         out / "config_sentence_transformers.json",
         {
+            "model_type": "SentenceTransformer",
+            "__version__": _versions(),
             "prompts": {"query": spec.query_prefix, "document": spec.passage_prefix},
             "default_prompt_name": None,
             # Retrieval here scores by inner product (cosine when normalised).
             "similarity_fn_name": "dot",
         },
     )
+
+
+# The oldest sentence-transformers that reads every key written here (``prompts``, ``similarity_fn_name``):
+# it warns only when this is newer than itself.
+SENTENCE_TRANSFORMERS_FORMAT = "3.0.0"
+
+
+def _versions() -> dict[str, str]:
+    """The version block sentence-transformers writes; ``pytorch`` is absent (no torch made these files)."""
+    import transformers
+
+    import opera_jax
+
+    return {"sentence_transformers": SENTENCE_TRANSFORMERS_FORMAT, "transformers": transformers.__version__,
+            "opera_jax": opera_jax.__version__}

@@ -36,7 +36,9 @@ from tqdm.auto import tqdm
 from opera_jax.config import Config, dump_config
 from opera_jax.data.beir import BeirSplit, load_split, resolve_data_dir
 from opera_jax.data.mining import load_or_mine
+from opera_jax.data.pairs_jsonl import is_pairs_file, load_pairs_jsonl
 from opera_jax.data.pipeline import BatchSpec, iterate, make_dataset
+from opera_jax.data.tables import TrainData, given_negatives, hold_out
 from opera_jax.data.tokens import TokenArrays, cache_dir, tokenize
 from opera_jax.data.training import TrainingSet, build_training_set
 from opera_jax.errors import InputError, TrainingDiverged
@@ -52,6 +54,7 @@ from opera_jax.methods.static import Static
 from opera_jax.models.bert import Precision
 from opera_jax.models.encoder import Encoder, load_encoder
 from opera_jax.models.export import export_encoder
+from opera_jax.models.model_card import run_card
 from opera_jax.sharding import FSDP_RULES, REPLICATED_RULES, batch_sharding, make_mesh, put_global, tree_shardings
 from opera_jax.train.checkpoint import Checkpointer
 from opera_jax.train.optim import make_optimizer
@@ -77,23 +80,30 @@ class Setup:
     """What every command that trains, mines or prunes starts from."""
 
     encoder: Encoder
-    data_dir: Path
+    data_dir: Path | None  # None: the data came loaded (``given``)
     train_split: BeirSplit
     ts: TrainingSet
     query_tokens: TokenArrays  # the training queries, with the query prefix
     doc_tokens: TokenArrays  # the whole corpus, with the passage prefix
+    given: TrainData | None = None
 
 
-def prepare(config: Config, mesh, *, progress: bool = False) -> Setup:
+def prepare(config: Config, mesh, *, progress: bool = False, data: TrainData | None = None) -> Setup:
+    """Model, training data and tokens. ``data``: already-loaded splits (``opera_jax.finetune``), used
+    instead of ``data.path``; a ``data.path`` naming a ``{query, pos, neg}`` JSONL file is read as one,
+    with 10% of its queries held out for evaluation (``tables.hold_out``, seeded by ``seed``)."""
     d = config.data
     encoder = load_model(config)
     spec = encoder.spec
-    data_dir = resolve_data_dir(d.path)
-    train_split = load_split(data_dir, d.train_split, empty=d.empty)
+    if data is None and is_pairs_file(d.path):
+        pairs = load_pairs_jsonl(d.path)
+        data = TrainData(*hold_out(pairs.train, 0.1, config.seed), negatives=pairs.negatives)
+    data_dir = None if data is not None else resolve_data_dir(d.path)
+    train_split = data.train if data is not None else load_split(data_dir, d.train_split, empty=d.empty)
     ts = build_training_set(train_split, d.pos_threshold)
     query_tokens = tokenize(encoder.tokenizer, ts.query_texts, d.query_max_len, spec.query_prefix)
     doc_tokens = tokenize(encoder.tokenizer, train_split.corpus.passages(), d.passage_max_len, spec.passage_prefix)
-    return Setup(encoder, data_dir, train_split, ts, query_tokens, doc_tokens)
+    return Setup(encoder, data_dir, train_split, ts, query_tokens, doc_tokens, data)
 
 
 def mine(config: Config, setup: Setup, mesh, *, progress: bool = False, path: Path | None = None):
@@ -164,12 +174,14 @@ class MetricsLog:
 
 
 def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = True,
-                       stop_after: int | None = None) -> dict:
+                       stop_after: int | None = None, data: TrainData | None = None) -> dict:
     """Train, evaluate every ``train.eval_every`` steps, checkpoint, export. Returns the last evaluation.
 
     A workdir with checkpoints resumes from the latest. ``stop_after`` ends the
     run early after that many steps (checkpointed, not exported), as a
-    preemption would; run again to continue.
+    preemption would; run again to continue. ``data``: already-loaded splits
+    instead of ``data.path`` (see ``prepare``); given negatives replace mining,
+    and with no eval split the run is not evaluated (returns ``{}``).
     """
     workdir = Path(workdir)
     main_process = jax.process_index() == 0
@@ -183,15 +195,20 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
     if o.grad_cache_chunk and o.grad_cache_chunk % mesh.size:
         raise InputError(f"optim.grad_cache_chunk {o.grad_cache_chunk} must be a multiple of the {mesh.size} devices")
 
-    setup = prepare(config, mesh, progress=progress)
+    setup = prepare(config, mesh, progress=progress, data=data)
     encoder, spec, ts = setup.encoder, setup.encoder.spec, setup.ts
     query_tokens, doc_tokens = setup.query_tokens, setup.doc_tokens
+    given = setup.given
     if d.group_size > 1:
-        mined = mine(config, setup, mesh, progress=progress)
-        ts = ts.with_negatives(mined.negatives, mined.counts)
-    eval_split = load_split(setup.data_dir, d.eval_split, empty=d.empty)
-    evaluator = Evaluator(eval_split, encoder.tokenizer, spec, max_query_len=d.query_max_len,
-                          max_passage_len=d.passage_max_len, batch_size=d.eval_batch_size, mesh=mesh)
+        if given is not None and given.negatives is not None:  # e.g. a {query, pos, neg} file's own
+            ts = ts.with_negatives(*given_negatives(ts, setup.train_split.corpus, given.negatives))
+        else:
+            mined = mine(config, setup, mesh, progress=progress)
+            ts = ts.with_negatives(mined.negatives, mined.counts)
+    eval_split = load_split(setup.data_dir, d.eval_split, empty=d.empty) if given is None else given.eval
+    evaluator = None if eval_split is None else Evaluator(
+        eval_split, encoder.tokenizer, spec, max_query_len=d.query_max_len,
+        max_passage_len=d.passage_max_len, batch_size=d.eval_batch_size, mesh=mesh)
     batch_spec = BatchSpec(o.batch_size, d.group_size, d.query_max_len, d.passage_max_len, spec.padding_side)
     setup_start = time.perf_counter()
     method = make_method(config, ts, encoder, query_tokens, doc_tokens, mesh)
@@ -247,6 +264,8 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
 
     def evaluate(step: int) -> dict:
         nonlocal last
+        if evaluator is None:  # loaded data without an eval split
+            return {}
         result = evaluator(current_model())
         row = {"step": step, "wall_time_s": round(time.perf_counter() - run_start, 3),
                "train_seconds": round(train_seconds, 3), "compile_seconds": round(compile_seconds, 3),
@@ -263,8 +282,7 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
         last = row
         return row
 
-    if start == 0:
-        row = evaluate(0)
+    if start == 0 and (row := evaluate(0)):
         log.info("step 0: ndcg@10 %.4f recall@20 %.4f", row["ndcg@10"], row["recall@20"])
     bar = tqdm(total=o.max_steps, initial=start, desc="train", unit="step", disable=not (progress and main_process))
     interval_start, interval_steps = time.perf_counter(), 0
@@ -316,7 +334,7 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
                 last_saved = done
             if is_eval:
                 row = evaluate(done)
-                if main_process:
+                if main_process and row:
                     bar.write(f"step {done}: ndcg@10 {row['ndcg@10']:.4f} recall@20 {row['recall@20']:.4f}")
             loss_sum, finite, interval_steps = jnp.zeros(()), jnp.array(True), 0
             interval_start = time.perf_counter()
@@ -327,7 +345,7 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
     if stop_after is not None and int(state.step) < o.max_steps:
         return last
     if main_process:
-        export_encoder(encoder, workdir / "model", model=current_model())
+        export_encoder(encoder, workdir / "model", model=current_model(), card=run_card(config, workdir, setup))
         if writer is not None:
             writer.close()
     return last
@@ -346,7 +364,7 @@ def export_run(workdir: str | Path, out: str | Path, step: int | None = None) ->
         raise InputError(f"{workdir / 'checkpoints'}: no checkpoint {'at all' if step is None else f'for step {step}'}")
     nnx.update(encoder.model, checkpointer.restore_params(step, nnx.state(encoder.model, nnx.Param)))
     checkpointer.close()
-    return export_encoder(encoder, out)
+    return export_encoder(encoder, out, card=run_card(config, workdir, None, step=step))
 
 
 def _batch_putter(mesh):
