@@ -264,6 +264,8 @@ def test_corrupt_gzip(tmp_path, damage):
         ("q1\td1\t1\t0\n", 1, ["got 4"]),
         ("query-id\tcorpus-id\tscore\nq1\td1\t1\nq1\td2\t1.5\n", 3, ["field 'score'", "integer", "'1.5'"]),
         ("q1\td1\t1\nq1\td2\tscore\n", 2, ["field 'score'", "integer", "'score'"]),  # header only on line 1
+        ("q1\td1\t2.0\nq1\td2\t1\n", 1, ["field 'score'", "integer", "'2.0'"]),  # not taken for a header
+        ("qid\tdocid\trel\nq1\td1\t1\n", 1, ["field 'score'", "integer", "'rel'"]),  # not our column names
         ("\n\nq1\td1\t1\n\nq9\td2\t1\n", 5, ["field 'query-id'", "unknown query id 'q9'"]),
         ("q1\td1\t1\nq1\td9\t1\n", 2, ["field 'corpus-id'", "unknown document id 'd9'"]),
         ("q1\td1\t1\n\td2\t1\n", 2, ["field 'query-id'", "is empty"]),
@@ -274,6 +276,12 @@ def test_corrupt_gzip(tmp_path, damage):
 def test_bad_qrels(tmp_path, qrels, line, parts):
     folder = make_collection(tmp_path, qrels={"test": qrels})
     assert_input_error(lambda: load_split(folder, "test"), str(Path("qrels", "test.tsv")), f"line {line}", *parts)
+
+
+@pytest.mark.parametrize("header", ["query-id\tcorpus-id\tscore", "QUERY_ID\tCorpus_Id\tScore", " query-id \tcorpus-id\tscore "])
+def test_qrels_header_is_known_by_its_column_names(tmp_path, header):
+    folder = make_collection(tmp_path, qrels={"test": f"{header}\nq1\td1\t2\n"})
+    assert load_qrels(folder, "test") == {"q1": {"d1": 2}}
 
 
 def test_qrels_without_judgments(tmp_path):
