@@ -4,10 +4,16 @@ Sections, in the order a run goes through them: set-up (model, data, negatives,
 method, state), resume, the loop (plan -> batches -> jitted step; evaluation,
 logging and checkpoints every N steps), export.
 
+Everything that can be checked is checked before work starts and before
+anything is written: the run directory and its config, the model files, both
+splits, one batch against the training set (``opera_jax/preflight.py``).
+
 The hot loop never waits on the device except every ``log_every`` steps (to
 show the loss), at evaluations and at checkpoints. Workdir layout:
 
-    config.yaml      the exact config of the run
+    config.yaml      the exact config of the run, written once when it starts: the same config
+                     resumes, a finished run is left alone, a different one is refused
+                     (``run_dir.py``; ``new_run`` starts over)
     train_log.jsonl  the mean training loss and examples/s every ``train.log_every`` steps
     metrics.jsonl    one JSON object per evaluation, step 0 (the base model) included;
                      train_seconds is training time without evaluations and without
@@ -33,7 +39,7 @@ import jax.numpy as jnp
 from flax import nnx
 from tqdm.auto import tqdm
 
-from opera_jax.config import Config, dump_config
+from opera_jax.config import Config
 from opera_jax.data.beir import BeirSplit, load_split, resolve_data_dir
 from opera_jax.data.mining import load_or_mine
 from opera_jax.data.pipeline import BatchSpec, iterate, make_dataset
@@ -52,8 +58,10 @@ from opera_jax.methods.static import Static
 from opera_jax.models.bert import Precision
 from opera_jax.models.encoder import Encoder, load_encoder
 from opera_jax.models.export import export_encoder
+from opera_jax.preflight import check_batch_fits, check_batch_within, check_output_dir
 from opera_jax.sharding import FSDP_RULES, REPLICATED_RULES, batch_sharding, make_mesh, put_global, tree_shardings
 from opera_jax.train.checkpoint import Checkpointer
+from opera_jax.train import run_dir
 from opera_jax.train.optim import make_optimizer
 from opera_jax.train.step import init_state, make_train_step
 
@@ -82,18 +90,25 @@ class Setup:
     ts: TrainingSet
     query_tokens: TokenArrays  # the training queries, with the query prefix
     doc_tokens: TokenArrays  # the whole corpus, with the passage prefix
+    eval_split: BeirSplit | None = None  # loaded when preparing a training run
 
 
-def prepare(config: Config, mesh, *, progress: bool = False) -> Setup:
+def prepare(config: Config, mesh, *, progress: bool = False, training: bool = False) -> Setup:
+    """Model, training split and training set, tokenised. ``training``: also load the eval split and
+    check that one batch fits the training set, before tokenising anything."""
     d = config.data
     encoder = load_model(config)
     spec = encoder.spec
     data_dir = resolve_data_dir(d.path)
     train_split = load_split(data_dir, d.train_split, empty=d.empty)
     ts = build_training_set(train_split, d.pos_threshold)
+    eval_split = None
+    if training:
+        eval_split = load_split(data_dir, d.eval_split, empty=d.empty)
+        check_batch_fits(config, ts.num_queries, ts.num_pairs, d.train_split)
     query_tokens = tokenize(encoder.tokenizer, ts.query_texts, d.query_max_len, spec.query_prefix)
     doc_tokens = tokenize(encoder.tokenizer, train_split.corpus.passages(), d.passage_max_len, spec.passage_prefix)
-    return Setup(encoder, data_dir, train_split, ts, query_tokens, doc_tokens)
+    return Setup(encoder, data_dir, train_split, ts, query_tokens, doc_tokens, eval_split)
 
 
 def mine(config: Config, setup: Setup, mesh, *, progress: bool = False, path: Path | None = None):
@@ -164,18 +179,19 @@ class MetricsLog:
 
 
 def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = True,
-                       stop_after: int | None = None) -> dict:
+                       stop_after: int | None = None, new_run: bool = False) -> dict:
     """Train, evaluate every ``train.eval_every`` steps, checkpoint, export. Returns the last evaluation.
 
-    A workdir with checkpoints resumes from the latest. ``stop_after`` ends the
-    run early after that many steps (checkpointed, not exported), as a
-    preemption would; run again to continue.
+    A workdir of the same config resumes from its latest checkpoint; a finished one is returned
+    as it is (its last evaluation); one of a different config is refused unless ``new_run``,
+    which discards it. ``stop_after`` ends the run early after that many steps (checkpointed,
+    not exported), as a preemption would; run again to continue.
     """
     workdir = Path(workdir)
     main_process = jax.process_index() == 0
-    if main_process:
-        workdir.mkdir(parents=True, exist_ok=True)
-        dump_config(config, workdir / "config.yaml")
+    status = run_dir.inspect(workdir, config, new_run=new_run)
+    if status == run_dir.FINISHED:
+        return run_dir.last_metrics(workdir)
     d, o, t = config.data, config.optim, config.train
     mesh = make_mesh(fsdp=config.mesh.fsdp)
     if o.batch_size % mesh.size:
@@ -183,22 +199,29 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
     if o.grad_cache_chunk and o.grad_cache_chunk % mesh.size:
         raise InputError(f"optim.grad_cache_chunk {o.grad_cache_chunk} must be a multiple of the {mesh.size} devices")
 
-    setup = prepare(config, mesh, progress=progress)
+    setup = prepare(config, mesh, progress=progress, training=True)
     encoder, spec, ts = setup.encoder, setup.encoder.spec, setup.ts
     query_tokens, doc_tokens = setup.query_tokens, setup.doc_tokens
     if d.group_size > 1:
         mined = mine(config, setup, mesh, progress=progress)
         ts = ts.with_negatives(mined.negatives, mined.counts)
-    eval_split = load_split(setup.data_dir, d.eval_split, empty=d.empty)
-    evaluator = Evaluator(eval_split, encoder.tokenizer, spec, max_query_len=d.query_max_len,
+    evaluator = Evaluator(setup.eval_split, encoder.tokenizer, spec, max_query_len=d.query_max_len,
                           max_passage_len=d.passage_max_len, batch_size=d.eval_batch_size, mesh=mesh)
     batch_spec = BatchSpec(o.batch_size, d.group_size, d.query_max_len, d.passage_max_len, spec.padding_side)
     setup_start = time.perf_counter()
     method = make_method(config, ts, encoder, query_tokens, doc_tokens, mesh)
     method_setup_s = time.perf_counter() - setup_start  # SP/DP: the base model's pair scores
     if method.ts is not ts:  # static pruning trains on a subset: renumbered queries, so their tokens too
+        check_batch_within(o.batch_size, method.ts.num_queries, method.name,
+                           f"{method.ts.num_queries} of {ts.num_queries} training queries keep a pair")
         query_tokens = query_tokens.take(method.ts.rows_in(ts))
         ts = method.ts
+    if main_process:  # every check passed: the run starts (config.yaml, written once)
+        run_dir.start(workdir, config, status)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("opera-jax run directory ready")
 
     model = encoder.model
     model.train()
@@ -235,7 +258,7 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
         p = saved_plan if saved_plan is not None else method.plan(state.method, seg, step)
         ds = make_dataset(p, ts, query_tokens, doc_tokens, batch_spec, seed=_segment_seed(config.seed, seg),
                           process_index=jax.process_index(), process_count=jax.process_count())
-        if len(ds) == 0:
+        if len(ds) == 0:  # checked before the run started (preflight.py): a bug if it happens
             raise ValueError(f"a plan of {len(p)} draws is shorter than one batch of {o.batch_size}")
         return p, iterate(ds, saved_iter)
 
@@ -326,6 +349,8 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
     checkpointer.close()
     if stop_after is not None and int(state.step) < o.max_steps:
         return last
+    if not last and main_process:  # resumed from the final checkpoint (stopped during the export)
+        last = run_dir.last_metrics(workdir)
     if main_process:
         export_encoder(encoder, workdir / "model", model=current_model())
         if writer is not None:
@@ -338,7 +363,10 @@ def export_run(workdir: str | Path, out: str | Path, step: int | None = None) ->
     from opera_jax.config import load_config
 
     workdir = Path(workdir)
-    config = load_config(workdir / "config.yaml")
+    if not (workdir / run_dir.CONFIG_FILE).is_file():
+        raise InputError(f"{workdir}: not a run directory (no {run_dir.CONFIG_FILE})")
+    check_output_dir(out, "export directory")
+    config = load_config(workdir / run_dir.CONFIG_FILE)
     encoder = load_model(config)
     checkpointer = Checkpointer(workdir / "checkpoints")
     step = checkpointer.latest_step() if step is None else step
