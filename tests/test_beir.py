@@ -97,6 +97,18 @@ def test_default_root_is_beside_the_checkout(monkeypatch):
         assert resolve_data_dir() == expected
 
 
+def test_default_root_of_an_installed_package_is_the_user_cache(tmp_path, monkeypatch):
+    site = tmp_path / "site-packages" / "opera_jax"  # a wheel's package: no pyproject.toml beside it
+    site.mkdir(parents=True)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert beir.default_data_root(site) == tmp_path / "xdg" / "opera-jax" / "data"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert beir.default_data_root(site) == tmp_path / "home" / ".cache" / "opera-jax" / "data"
+    (tmp_path / "site-packages" / "pyproject.toml").write_text("")  # a source checkout
+    assert beir.default_data_root(site) == tmp_path / "shared" / "data"
+
+
 def test_resolve_precedence(tmp_path, monkeypatch):
     explicit, env, default = (tmp_path / n for n in ("explicit", "env", "default"))
     for d in (explicit, env, default):
@@ -119,8 +131,14 @@ def test_resolve_errors(tmp_path, monkeypatch):
     monkeypatch.delenv(DATA_ENV, raising=False)
     with pytest.raises(InputError, match=DATA_ENV):
         resolve_data_dir()
-    with pytest.raises(InputError, match="nothere"):
+    with pytest.raises(InputError, match="nothere") as e:
         resolve_data_dir("nothere")
+    assert str(e.value).count(str(tmp_path / "absent")) == 1 and DATA_ENV in str(e.value)
+    monkeypatch.setenv(DATA_ENV, str(tmp_path / "absent"))  # the same root twice: named once
+    with pytest.raises(InputError, match="nothere") as e:
+        resolve_data_dir("nothere")
+    assert str(e.value).count(str(tmp_path / "absent")) == 1
+    monkeypatch.delenv(DATA_ENV)
     with pytest.raises(InputError, match="no such directory"):
         resolve_data_dir(tmp_path / "a" / "b")
     (tmp_path / "file").write_text("x")

@@ -133,9 +133,15 @@ class BeirSplit:
     qrels: Qrels
 
 
-def default_data_root() -> Path:
-    """The default root of collections: ``shared/data`` beside the checkout."""
-    return Path(opera_jax.__file__).parents[2] / "shared" / "data"
+def default_data_root(package_dir: Path | None = None) -> Path:
+    """The default root of collections: ``shared/data`` beside a source checkout (``pyproject.toml``
+    next to the package); installed from a wheel, the user cache ``~/.cache/opera-jax/data``
+    (``$XDG_CACHE_HOME`` honoured), not a folder relative to site-packages."""
+    package_dir = Path(opera_jax.__file__).parent if package_dir is None else package_dir
+    if (package_dir.parent / "pyproject.toml").is_file():
+        return package_dir.parents[1] / "shared" / "data"
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "opera-jax" / "data"
 
 
 def resolve_data_dir(path: str | os.PathLike[str] | None = None) -> Path:
@@ -151,12 +157,13 @@ def resolve_data_dir(path: str | os.PathLike[str] | None = None) -> Path:
         if given.exists():
             return _require_dir(given, f"data dir {given}")
         if len(given.parts) == 1:
-            roots = ([Path(env).expanduser()] if env else []) + [default_data_root()]
+            roots = list(dict.fromkeys(([Path(env).expanduser()] if env else []) + [default_data_root()]))
             for root in roots:
                 if (root / given).is_dir():
                     return root / given
             raise InputError(f"data dir {str(path)!r}: no such path, nor a collection under "
-                             + " or ".join(str(r) for r in roots))
+                             + " or ".join(str(r) for r in roots)
+                             + ("" if env else f" (set ${DATA_ENV} to your root of collections)"))
         raise InputError(f"data dir {given}: no such directory")
     if env:
         env_dir = Path(env).expanduser()
