@@ -48,15 +48,13 @@ def _check_writable(path: Path, what: str) -> None:
     os.unlink(probe)
 
 
-def plan_draws(method: str, num_queries: int, num_pairs: int, *, kept_pct: float = 1.0,
-               dp_cutoff_start: float = 0.25, dp_strength_start: float = 2.0) -> int:
+def plan_draws(method: str, num_queries: int, num_pairs: int, *, kept_pct: float = 1.0) -> int | None:
     """The most queries one plan of ``method`` can draw from a training set: every query for basic
-    and InfoBatch (it never prunes below one batch), DP's fixed epoch ``n0``, and for SP at most
-    its ``floor(kept_pct * pairs)`` kept pairs' queries (the exact count needs the base model's scores)."""
+    and InfoBatch (it never prunes below one batch), and for SP at most the queries of its
+    ``floor(kept_pct * pairs)`` kept pairs (the exact count needs the base model's scores).
+    None for DP: its plans chain whole epochs until they fill their batches."""
     if method == "dp":
-        from opera_jax.methods.dynamic import epoch_length
-
-        return epoch_length(num_queries, dp_cutoff_start, dp_strength_start)
+        return None
     if method == "sp":
         return min(math.floor(kept_pct * num_pairs), num_queries)
     return num_queries
@@ -69,9 +67,9 @@ def check_batch_fits(config, num_queries: int, num_pairs: int, split: str) -> No
     if m.name == "sp" and math.floor(m.sp.kept_pct * num_pairs) == 0:
         raise InputError(f"method.sp.kept_pct {m.sp.kept_pct} keeps no pair of the {num_pairs} training pairs "
                          f"of split {split!r}; raise it")
-    draws = plan_draws(m.name, num_queries, num_pairs, kept_pct=m.sp.kept_pct,
-                       dp_cutoff_start=m.dp.query_cutoff_start, dp_strength_start=m.dp.strength_start)
-    check_batch_within(batch, draws, m.name, f"split {split!r} has {num_queries} training queries")
+    draws = plan_draws(m.name, num_queries, num_pairs, kept_pct=m.sp.kept_pct)
+    if draws is not None:
+        check_batch_within(batch, draws, m.name, f"split {split!r} has {num_queries} training queries")
 
 
 def check_batch_within(batch_size: int, draws: int, method: str, about: str) -> None:
