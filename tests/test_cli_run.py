@@ -127,6 +127,35 @@ def test_written_files_are_readable_by_others(finished):
         assert stat.S_IMODE((finished / name).stat().st_mode) == 0o644, name
 
 
+def read_events(folder: Path) -> list:
+    """Every event of a TensorBoard log folder (TFRecord framing: length, crc, data, crc)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    events = []
+    for file in sorted(folder.rglob("events.out.tfevents.*")):
+        data, at = file.read_bytes(), 0
+        while at < len(data):
+            (n,) = struct.unpack("<Q", data[at: at + 8])
+            events.append(event_pb2.Event.FromString(data[at + 12: at + 12 + n]))
+            at += 12 + n + 4
+    return events
+
+
+def test_tensorboard_gets_the_learning_rate_and_the_config(finished):
+    from opera_jax.train.optim import learning_rate_schedule
+
+    values = [(v.tag, e.step, v.simple_value, v.metadata.plugin_data.content)
+              for e in read_events(finished / "tb") for v in e.summary.value]
+    lr = learning_rate_schedule(1e-3, 2, 0.05)
+    assert [(step, value) for tag, step, value, _ in values if tag == "train/learning_rate"] == [
+        (1, pytest.approx(float(lr(0)))), (2, pytest.approx(float(lr(1))))]
+    session = [content for tag, _, _, content in values if tag == "_hparams_/session_start_info"]
+    assert len(session) == 1 and b"optim.learning_rate" in session[0] and b"method.dp.strength_end" in session[0]
+    assert {tag for tag, *_ in values} >= {"train/loss", "eval/ndcg@10", "_hparams_/experiment"}
+
+
 @pytest.mark.parametrize(("extra", "parts"), [
     (["optim.learning_rate=5e-5"], ["optim.learning_rate: 0.001 -> 5e-05", "--new-run"]),
     (["--max-steps", "6"], ["optim.max_steps: 2 -> 6"]),
@@ -248,7 +277,7 @@ def test_mine_prune_and_export_outputs_are_checked_first(world, finished, tmp_pa
 
 @pytest.mark.parametrize(("overrides", "parts"), [
     (["optim.batch_size=512"], ["optim.batch_size 512 is larger than the 16 queries", "split 'train'"]),
-    (["method.name=dp", "optim.batch_size=16"], ["optim.batch_size 16 is larger than the 10 queries", "'dp'"]),
+    (["method.name=infobatch", "optim.batch_size=24"], ["batch_size 24 is larger than the 16 queries", "'infobatch'"]),
     (["method.name=sp", "method.sp.kept_pct=0.05"], ["method.sp.kept_pct 0.05 keeps no pair of the 16"]),
     (["method.name=sp", "method.sp.kept_pct=0.25"], ["optim.batch_size 8 is larger than the 4 queries", "'sp'"]),
     (["data.eval_split=dev", "data.group_size=2"], ["dev.tsv: not found (splits here: test, train)"]),

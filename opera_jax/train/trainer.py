@@ -62,7 +62,7 @@ from opera_jax.preflight import check_batch_fits, check_batch_within, check_outp
 from opera_jax.sharding import FSDP_RULES, REPLICATED_RULES, batch_sharding, make_mesh, put_global, tree_shardings
 from opera_jax.train.checkpoint import Checkpointer
 from opera_jax.train import run_dir
-from opera_jax.train.optim import make_optimizer
+from opera_jax.train.optim import learning_rate_schedule, make_optimizer
 from opera_jax.train.step import init_state, make_train_step
 
 log = logging.getLogger(__name__)
@@ -226,6 +226,7 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
     model = encoder.model
     model.train()
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    learning_rate = learning_rate_schedule(o.learning_rate, o.max_steps, o.warmup_ratio, o.schedule)
     optimizer = make_optimizer(o.learning_rate, o.max_steps, warmup_ratio=o.warmup_ratio,
                                weight_decay=o.weight_decay, max_grad_norm=o.max_grad_norm, schedule=o.schedule)
     state = init_state(params, optimizer, config.seed, method.init_state())
@@ -249,10 +250,12 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
         segment, iterator_state, train_seconds = data["segment"], data["iterator"], data["train_seconds"]
         compile_seconds = data.get("compile_seconds", 0.0)
         log.info("resumed from step %d", latest)
+        if progress and main_process:
+            tqdm.write(f"resuming from the step-{latest} checkpoint in {workdir / 'checkpoints'}")
     start = int(state.step)
     metrics_log = MetricsLog(workdir / "metrics.jsonl", keep_until=start, enabled=main_process)
     train_log = MetricsLog(workdir / "train_log.jsonl", keep_until=start, enabled=main_process)
-    writer = _tensorboard(workdir / "tb") if main_process else None
+    writer = _tensorboard(workdir / "tb", config) if main_process else None
 
     def new_segment(seg: int, step: int, saved_plan=None, saved_iter=None):
         p = saved_plan if saved_plan is not None else method.plan(state.method, seg, step)
@@ -270,7 +273,7 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
 
     def evaluate(step: int) -> dict:
         nonlocal last
-        result = evaluator(current_model())
+        result = evaluator(current_model(), progress=progress and main_process)  # transient encoding bars
         row = {"step": step, "wall_time_s": round(time.perf_counter() - run_start, 3),
                "train_seconds": round(train_seconds, 3), "compile_seconds": round(compile_seconds, 3),
                "method_setup_s": round(method_setup_s, 3),
@@ -280,15 +283,17 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
         if main_process and step == o.max_steps:
             write_trec_run(workdir / "run.trec", result.run)  # the final model's ranking, for per-query tests
         if writer is not None:
-            for k in ("ndcg@10", "recall@20", "mrr@10", "recall@100"):
+            for k in EVAL_SCALARS:
                 writer.add_scalar(f"eval/{k}", row[k], step)
             writer.flush()
+        if progress and main_process:  # one line per evaluation, above the training bar
+            tqdm.write(f"step {step}{' (base model)' if step == 0 else ''}: ndcg@10 {row['ndcg@10']:.4f} "
+                       f"recall@20 {row['recall@20']:.4f} mrr@10 {row['mrr@10']:.4f} ({result.seconds:.1f} s)")
         last = row
         return row
 
     if start == 0:
-        row = evaluate(0)
-        log.info("step 0: ndcg@10 %.4f recall@20 %.4f", row["ndcg@10"], row["recall@20"])
+        evaluate(0)
     bar = tqdm(total=o.max_steps, initial=start, desc="train", unit="step", disable=not (progress and main_process))
     interval_start, interval_steps = time.perf_counter(), 0
     loss_sum, finite = jnp.zeros(()), jnp.array(True)
@@ -309,6 +314,7 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
             compiled_shapes.add(shapes)
             compile_seconds += time.perf_counter() - compile_start
             interval_start += time.perf_counter() - compile_start
+            _discount(bar, time.perf_counter() - compile_start)  # a compile is no step: keep it out of the ETA
         state, out = train_step(state, batch)
         loss_sum, finite = loss_sum + out["loss"], finite & out["finite"]
         interval_steps += 1
@@ -331,6 +337,7 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
                               "examples_per_s": round(interval_steps * o.batch_size / elapsed, 3)})
             if writer is not None:
                 writer.add_scalar("train/loss", mean_loss, done)
+                writer.add_scalar("train/learning_rate", float(learning_rate(done - 1)), done)  # step done's
                 writer.add_scalar("train/examples_per_s", interval_steps * o.batch_size / elapsed, done)
             if is_ckpt:
                 checkpointer.save(done, state, plan, {"segment": segment, "iterator": batches.get_state(),
@@ -338,9 +345,9 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
                                                       "compile_seconds": compile_seconds})
                 last_saved = done
             if is_eval:
-                row = evaluate(done)
-                if main_process:
-                    bar.write(f"step {done}: ndcg@10 {row['ndcg@10']:.4f} recall@20 {row['recall@20']:.4f}")
+                bar.set_description("train (evaluating)")  # the bar says why it waits
+                evaluate(done)
+                bar.set_description("train")
             loss_sum, finite, interval_steps = jnp.zeros(()), jnp.array(True), 0
             interval_start = time.perf_counter()
         if stopping:
@@ -377,6 +384,13 @@ def export_run(workdir: str | Path, out: str | Path, step: int | None = None) ->
     return export_encoder(encoder, out)
 
 
+def _discount(bar, seconds: float) -> None:
+    """Leave ``seconds`` out of a tqdm bar's rate and ETA (as if they had not passed)."""
+    if not bar.disable:
+        bar.start_t += seconds
+        bar.last_print_t += seconds
+
+
 def _batch_putter(mesh):
     sharding = batch_sharding(mesh)
 
@@ -386,7 +400,26 @@ def _batch_putter(mesh):
     return put
 
 
-def _tensorboard(path: Path):
-    from tensorboardX import SummaryWriter
+EVAL_SCALARS = ("ndcg@10", "recall@20", "mrr@10", "recall@100")
 
-    return SummaryWriter(str(path))
+
+def hparams_of(config: Config) -> dict[str, bool | int | float | str]:
+    """The config as TensorBoard hyperparameters: dotted keys, None as "null"."""
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: "null" if v is None else v})
+        return out
+
+    return flat(dataclasses.asdict(config))
+
+
+def _tensorboard(path: Path, config: Config):
+    """The run's writer, with its config recorded as hyperparameters (against the eval scalars)."""
+    from tensorboardX import SummaryWriter
+    from tensorboardX.summary import hparams
+
+    writer = SummaryWriter(str(path))
+    for summary in hparams(hparams_of(config), {f"eval/{k}": 0.0 for k in EVAL_SCALARS}):
+        writer.file_writer.add_summary(summary)
+    return writer
