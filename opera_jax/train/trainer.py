@@ -284,7 +284,7 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
             write_trec_run(workdir / "run.trec", result.run)  # the final model's ranking, for per-query tests
         if writer is not None:
             for k in EVAL_SCALARS:
-                writer.add_scalar(f"eval/{k}", row[k], step)
+                writer.add_scalar(_eval_tag(k), row[k], step)
             writer.flush()
         if progress and main_process:  # one line per evaluation, above the training bar
             tqdm.write(f"step {step}{' (base model)' if step == 0 else ''}: ndcg@10 {row['ndcg@10']:.4f} "
@@ -403,6 +403,11 @@ def _batch_putter(mesh):
 EVAL_SCALARS = ("ndcg@10", "recall@20", "mrr@10", "recall@100")
 
 
+def _eval_tag(metric: str) -> str:
+    """The TensorBoard tag of an evaluation metric: ``eval/ndcg_10`` (a tag cannot hold ``@``)."""
+    return "eval/" + metric.replace("@", "_")
+
+
 def hparams_of(config: Config) -> dict[str, bool | int | float | str]:
     """The config as TensorBoard hyperparameters: dotted keys, None as "null"."""
     def flat(d: dict, prefix: str = "") -> dict:
@@ -420,6 +425,6 @@ def _tensorboard(path: Path, config: Config):
     from tensorboardX.summary import hparams
 
     writer = SummaryWriter(str(path))
-    for summary in hparams(hparams_of(config), {f"eval/{k}": 0.0 for k in EVAL_SCALARS}):
+    for summary in hparams(hparams_of(config), {_eval_tag(k): 0.0 for k in EVAL_SCALARS}):
         writer.file_writer.add_summary(summary)
     return writer
