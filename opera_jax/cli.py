@@ -77,7 +77,7 @@ def _mine(args: argparse.Namespace) -> None:
 def _prune(args: argparse.Namespace) -> None:
     from opera_jax.methods.pair_scores import pair_similarities
     from opera_jax.methods.static import kept_pairs, write_kept_pairs
-    from opera_jax.preflight import check_output_file
+    from opera_jax.preflight import check_output_file, check_sp_keeps
     from opera_jax.sharding import make_mesh
     from opera_jax.train.trainer import prepare
 
@@ -85,6 +85,7 @@ def _prune(args: argparse.Namespace) -> None:
     check_output_file(args.out, "kept pairs file")
     mesh = make_mesh()
     setup, d, sp = prepare(config, mesh), config.data, config.method.sp
+    check_sp_keeps(sp.kept_pct, setup.ts.num_pairs, d.train_split)
     scores = pair_similarities(setup.encoder.model, setup.ts, setup.query_tokens, setup.doc_tokens,
                                query_max_len=d.query_max_len, passage_max_len=d.passage_max_len,
                                batch_size=d.eval_batch_size, padding_side=setup.encoder.spec.padding_side, mesh=mesh)

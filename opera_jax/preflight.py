@@ -64,12 +64,18 @@ def check_batch_fits(config, num_queries: int, num_pairs: int, split: str) -> No
     """One global batch of ``config.optim.batch_size`` fits in one plan drawn from the training set
     (``num_queries`` queries with ``num_pairs`` positive pairs); SP keeps at least one pair."""
     m, batch = config.method, config.optim.batch_size
-    if m.name == "sp" and math.floor(m.sp.kept_pct * num_pairs) == 0:
-        raise InputError(f"method.sp.kept_pct {m.sp.kept_pct} keeps no pair of the {num_pairs} training pairs "
-                         f"of split {split!r}; raise it")
+    if m.name == "sp":
+        check_sp_keeps(m.sp.kept_pct, num_pairs, split)
     draws = plan_draws(m.name, num_queries, num_pairs, kept_pct=m.sp.kept_pct)
     if draws is not None:
         check_batch_within(batch, draws, m.name, f"split {split!r} has {num_queries} training queries")
+
+
+def check_sp_keeps(kept_pct: float, num_pairs: int, split: str) -> None:
+    """Static pruning keeps at least one of the ``num_pairs`` training pairs."""
+    if math.floor(kept_pct * num_pairs) == 0:
+        raise InputError(f"method.sp.kept_pct {kept_pct} keeps no pair of the {num_pairs} training pairs "
+                         f"of split {split!r}; raise it")
 
 
 def check_batch_within(batch_size: int, draws: int, method: str, about: str) -> None:

@@ -275,6 +275,9 @@ def test_mine_prune_and_export_outputs_are_checked_first(world, finished, tmp_pa
     refused(capsys, ["export", str(finished), "--out", str(file)], "not a directory")
     refused(capsys, ["export", str(folder), "--out", str(tmp_path / "x")], "not a run directory")
     assert file.read_text() == "keep me" and not (tmp_path / "x").exists() and not any(folder.iterdir())
+    kept = tmp_path / "kept.tsv"
+    refused(capsys, ["prune", str(config), "--out", str(kept), "method.sp.kept_pct=0.05"], "keeps no pair of the 16")
+    assert not kept.exists()
 
 
 @pytest.mark.parametrize(("overrides", "parts"), [
