@@ -29,6 +29,7 @@ def _eval(args: argparse.Namespace) -> None:
 
 def _train(args: argparse.Namespace) -> None:
     from opera_jax.config import load_config
+    from opera_jax.train import run_dir
     from opera_jax.train.trainer import train_and_evaluate
 
     overrides = list(args.overrides)
@@ -38,11 +39,19 @@ def _train(args: argparse.Namespace) -> None:
         overrides.append(f"train.eval_every={args.eval_every}")
     config = load_config(args.config, overrides)
     out = args.out or Path("runs") / Path(args.config).stem
-    result = train_and_evaluate(config, out)
+    finished = run_dir.inspect(out, config, new_run=args.new_run) == run_dir.FINISHED
+    result = train_and_evaluate(config, out, new_run=args.new_run)
     import jax
 
-    if jax.process_index() == 0:  # one line per job, not per process
-        print(f"final: ndcg@10 {result['ndcg@10']:.4f} recall@20 {result['recall@20']:.4f}; outputs in {out}")
+    if jax.process_index() != 0:  # one line per job, not per process
+        return
+    scores = (f"ndcg@10 {result['ndcg@10']:.4f} recall@20 {result['recall@20']:.4f}"
+              if "ndcg@10" in result else "no evaluation logged")
+    if finished:
+        print(f"{out}: this run already finished (step {result.get('step', '?')}: {scores}); nothing to do "
+              "(--new-run discards it and trains again)")
+    else:
+        print(f"final: {scores}; outputs in {out}")
 
 
 def _config(args: argparse.Namespace):
@@ -52,10 +61,13 @@ def _config(args: argparse.Namespace):
 
 
 def _mine(args: argparse.Namespace) -> None:
+    from opera_jax.preflight import check_output_file
     from opera_jax.sharding import make_mesh
     from opera_jax.train.trainer import mine, prepare
 
-    config, mesh = _config(args), make_mesh()
+    config = _config(args)
+    check_output_file(args.out, "negatives artifact")
+    mesh = make_mesh()
     result = mine(config, prepare(config, mesh, progress=True), mesh, progress=True, path=args.out)
     counts = result.counts
     print(f"{len(counts)} queries, {int(counts.sum())} negatives (min {counts.min()}, max {counts.max()} per query); "
@@ -65,11 +77,15 @@ def _mine(args: argparse.Namespace) -> None:
 def _prune(args: argparse.Namespace) -> None:
     from opera_jax.methods.pair_scores import pair_similarities
     from opera_jax.methods.static import kept_pairs, write_kept_pairs
+    from opera_jax.preflight import check_output_file, check_sp_keeps
     from opera_jax.sharding import make_mesh
     from opera_jax.train.trainer import prepare
 
-    config, mesh = _config(args), make_mesh()
+    config = _config(args)
+    check_output_file(args.out, "kept pairs file")
+    mesh = make_mesh()
     setup, d, sp = prepare(config, mesh), config.data, config.method.sp
+    check_sp_keeps(sp.kept_pct, setup.ts.num_pairs, d.train_split)
     scores = pair_similarities(setup.encoder.model, setup.ts, setup.query_tokens, setup.doc_tokens,
                                query_max_len=d.query_max_len, passage_max_len=d.passage_max_len,
                                batch_size=d.eval_batch_size, padding_side=setup.encoder.spec.padding_side, mesh=mesh)
@@ -118,6 +134,9 @@ def _positive(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="opera-jax", description="Finetune dense retrievers in JAX, with OPERA data pruning.")
+    from opera_jax import __version__
+
+    parser.add_argument("--version", action="version", version=f"opera-jax {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     ev = sub.add_parser("eval", help="evaluate a retriever on a BEIR-layout collection")
@@ -138,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--out", type=Path, default=None, help="run directory (default: runs/<config name>)")
     tr.add_argument("--max-steps", type=_positive, default=None, help="override optim.max_steps")
     tr.add_argument("--eval-every", type=int, default=None, help="override train.eval_every (0: only at the end)")
+    tr.add_argument("--new-run", action="store_true",
+                    help="--out holds a run of another config: discard it (checkpoints, logs, model) and start "
+                         "over. Without it the same config resumes, and a different one is refused")
     tr.set_defaults(func=_train)
 
     mi = sub.add_parser("mine", help="mine hard negatives for a config's training data")

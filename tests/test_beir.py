@@ -97,6 +97,18 @@ def test_default_root_is_beside_the_checkout(monkeypatch):
         assert resolve_data_dir() == expected
 
 
+def test_default_root_of_an_installed_package_is_the_user_cache(tmp_path, monkeypatch):
+    site = tmp_path / "site-packages" / "opera_jax"  # a wheel's package: no pyproject.toml beside it
+    site.mkdir(parents=True)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert beir.default_data_root(site) == tmp_path / "xdg" / "opera-jax" / "data"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert beir.default_data_root(site) == tmp_path / "home" / ".cache" / "opera-jax" / "data"
+    (tmp_path / "site-packages" / "pyproject.toml").write_text("")  # a source checkout
+    assert beir.default_data_root(site) == tmp_path / "shared" / "data"
+
+
 def test_resolve_precedence(tmp_path, monkeypatch):
     explicit, env, default = (tmp_path / n for n in ("explicit", "env", "default"))
     for d in (explicit, env, default):
@@ -119,8 +131,14 @@ def test_resolve_errors(tmp_path, monkeypatch):
     monkeypatch.delenv(DATA_ENV, raising=False)
     with pytest.raises(InputError, match=DATA_ENV):
         resolve_data_dir()
-    with pytest.raises(InputError, match="nothere"):
+    with pytest.raises(InputError, match="nothere") as e:
         resolve_data_dir("nothere")
+    assert str(e.value).count(str(tmp_path / "absent")) == 1 and DATA_ENV in str(e.value)
+    monkeypatch.setenv(DATA_ENV, str(tmp_path / "absent"))  # the same root twice: named once
+    with pytest.raises(InputError, match="nothere") as e:
+        resolve_data_dir("nothere")
+    assert str(e.value).count(str(tmp_path / "absent")) == 1
+    monkeypatch.delenv(DATA_ENV)
     with pytest.raises(InputError, match="no such directory"):
         resolve_data_dir(tmp_path / "a" / "b")
     (tmp_path / "file").write_text("x")
@@ -264,6 +282,8 @@ def test_corrupt_gzip(tmp_path, damage):
         ("q1\td1\t1\t0\n", 1, ["got 4"]),
         ("query-id\tcorpus-id\tscore\nq1\td1\t1\nq1\td2\t1.5\n", 3, ["field 'score'", "integer", "'1.5'"]),
         ("q1\td1\t1\nq1\td2\tscore\n", 2, ["field 'score'", "integer", "'score'"]),  # header only on line 1
+        ("q1\td1\t2.0\nq1\td2\t1\n", 1, ["field 'score'", "integer", "'2.0'"]),  # not taken for a header
+        ("qid\tdocid\trel\nq1\td1\t1\n", 1, ["field 'score'", "integer", "'rel'"]),  # not our column names
         ("\n\nq1\td1\t1\n\nq9\td2\t1\n", 5, ["field 'query-id'", "unknown query id 'q9'"]),
         ("q1\td1\t1\nq1\td9\t1\n", 2, ["field 'corpus-id'", "unknown document id 'd9'"]),
         ("q1\td1\t1\n\td2\t1\n", 2, ["field 'query-id'", "is empty"]),
@@ -274,6 +294,12 @@ def test_corrupt_gzip(tmp_path, damage):
 def test_bad_qrels(tmp_path, qrels, line, parts):
     folder = make_collection(tmp_path, qrels={"test": qrels})
     assert_input_error(lambda: load_split(folder, "test"), str(Path("qrels", "test.tsv")), f"line {line}", *parts)
+
+
+@pytest.mark.parametrize("header", ["query-id\tcorpus-id\tscore", "QUERY_ID\tCorpus_Id\tScore", " query-id \tcorpus-id\tscore "])
+def test_qrels_header_is_known_by_its_column_names(tmp_path, header):
+    folder = make_collection(tmp_path, qrels={"test": f"{header}\nq1\td1\t2\n"})
+    assert load_qrels(folder, "test") == {"q1": {"d1": 2}}
 
 
 def test_qrels_without_judgments(tmp_path):

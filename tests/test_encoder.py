@@ -155,3 +155,15 @@ def test_pooling_handles_either_padding_side():
     np.testing.assert_array_equal(pool(h, right, "last"), jnp.stack([h[0, 2], h[1, 1]]))
     np.testing.assert_array_equal(pool(h, left, "last"), h[:, 3])
     np.testing.assert_allclose(pool(h, right, "mean"), jnp.stack([h[0, :3].mean(0), h[1, :2].mean(0)]))
+
+
+def test_unknown_sentence_transformers_module_is_refused(tiny_bert_dir, tmp_path):
+    """A Dense layer after pooling changes the embeddings: loading without it would be silently wrong."""
+    model_dir = _copy_model(tiny_bert_dir, tmp_path / "dense")
+    modules = json.loads((model_dir / "modules.json").read_text())
+    modules.append({"idx": len(modules), "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"})
+    (model_dir / "modules.json").write_text(json.dumps(modules))
+    with pytest.raises(InputError, match=r"modules.json: module '2' has type 'sentence_transformers.models.Dense'.*"
+                                         r"supported: Transformer, Pooling, Normalize"):
+        load_encoder(str(model_dir))
+    assert read_spec(tiny_bert_dir, 64).pooling  # the golden's own modules are all supported

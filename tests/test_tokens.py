@@ -15,13 +15,48 @@ def tokenizer(minilm_dir):
 TEXTS = ["short", "a somewhat longer sentence about aerodynamics and wings", "", "x " * 400]
 
 
-def test_matches_transformers_with_prefix_and_truncation(tokenizer):
-    arrays = tokenize(tokenizer, TEXTS, 32, prefix="query: ", use_cache=False)
-    for i, text in enumerate(TEXTS):
-        want = tokenizer("query: " + text, truncation=True, max_length=32)["input_ids"]
+def _transformers(model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_dir), use_fast=True)
+
+
+@pytest.mark.parametrize("model", ["minilm", "tiny_bert", "tiny_qwen3"])
+@pytest.mark.parametrize("max_len", [8, 32])
+def test_matches_transformers_with_prefix_and_truncation(minilm_dir, model, max_len):
+    """Our tokenizers-only path gives transformers' ids: special tokens (Qwen3's appended
+    <|endoftext|>), truncation, pad id, and none of the padding MiniLM's tokenizer.json carries."""
+    from conftest import GOLDEN
+
+    model_dir = minilm_dir if model == "minilm" else GOLDEN / model
+    ours, theirs = load_tokenizer(model_dir), _transformers(model_dir)
+    assert isinstance(ours, tk.FastTokenizer) and ours.pad_token_id == theirs.pad_token_id
+    texts = [*TEXTS, "Ünïcödé — 数学 text\twith\ttabs", "[SEP] <|endoftext|> inside"]
+    arrays = tokenize(ours, texts, max_len, prefix="query: ", use_cache=False)
+    for i, text in enumerate(texts):
+        want = theirs("query: " + text, truncation=True, max_length=max_len)["input_ids"]
         got = arrays.flat[arrays.offsets[i] : arrays.offsets[i] + arrays.lengths[i]]
-        assert got.tolist() == want
-    assert arrays.lengths.max() == 32 and arrays.flat.dtype == np.int32
+        assert got.tolist() == want, text
+    assert arrays.lengths.max() == max_len and arrays.flat.dtype == np.int32
+    assert arrays.pad_id == (theirs.pad_token_id or 0)
+
+
+def test_loading_a_tokenizer_does_not_import_transformers(minilm_dir):
+    import subprocess
+    import sys
+
+    code = ("import sys; from pathlib import Path; from opera_jax.data.tokens import load_tokenizer; "
+            f"load_tokenizer(Path({str(minilm_dir)!r})); print('transformers' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "False" and "PyTorch" not in done.stderr, done.stderr
+
+
+def test_the_definition_and_the_cache_key_do_not_change_with_use(tokenizer):
+    before = tokenizer.backend_tokenizer.to_str()
+    tokenize(tokenizer, TEXTS, 8, use_cache=False)
+    assert tokenizer.backend_tokenizer.to_str() == before
+    assert tokenizer(TEXTS[3])["input_ids"] == tokenizer([TEXTS[3]])["input_ids"][0]
+    assert len(tokenizer(TEXTS[3])["input_ids"]) == 402  # no truncation unless asked (the file sets 128)
 
 
 def test_batches_pad_right_and_left_with_filler_rows(tokenizer):

@@ -18,8 +18,10 @@ Rules:
   ``empty="error"`` (the default) that is an error; with ``empty="skip"`` the entry is dropped, so
   are the qrels lines that name it, and one warning per file gives the count.
 * Qrels: three tab-separated columns; the score is an integer of any sign, and every grade is kept.
-  The first line is a header, skipped when its score column is not an integer. Every id exists in
-  ``queries.jsonl`` / the corpus, and a (query, document) pair is judged once.
+  The first line may be a header, recognised by its column names (``query-id``, ``corpus-id``,
+  ``score``; case and ``_`` for ``-`` aside), never by its score: a score that is not an integer, on
+  any line, is an error. Every id exists in ``queries.jsonl`` / the corpus, and a (query, document)
+  pair is judged once.
 
 Every violation raises one :class:`~opera_jax.errors.InputError` whose message names the file, the
 line and the field at fault.
@@ -131,9 +133,15 @@ class BeirSplit:
     qrels: Qrels
 
 
-def default_data_root() -> Path:
-    """The default root of collections: ``shared/data`` beside the checkout."""
-    return Path(opera_jax.__file__).parents[2] / "shared" / "data"
+def default_data_root(package_dir: Path | None = None) -> Path:
+    """The default root of collections: ``shared/data`` beside a source checkout (``pyproject.toml``
+    next to the package); installed from a wheel, the user cache ``~/.cache/opera-jax/data``
+    (``$XDG_CACHE_HOME`` honoured), not a folder relative to site-packages."""
+    package_dir = Path(opera_jax.__file__).parent if package_dir is None else package_dir
+    if (package_dir.parent / "pyproject.toml").is_file():
+        return package_dir.parents[1] / "shared" / "data"
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "opera-jax" / "data"
 
 
 def resolve_data_dir(path: str | os.PathLike[str] | None = None) -> Path:
@@ -153,12 +161,13 @@ def resolve_data_dir(path: str | os.PathLike[str] | None = None) -> Path:
         if given.exists():
             return _require_dir(given, f"data dir {given}")
         if len(given.parts) == 1:
-            roots = ([Path(env).expanduser()] if env else []) + [default_data_root()]
+            roots = list(dict.fromkeys(([Path(env).expanduser()] if env else []) + [default_data_root()]))
             for root in roots:
                 if (root / given).is_dir():
                     return root / given
             raise InputError(f"data dir {str(path)!r}: no such path, nor a collection under "
-                             + " or ".join(str(r) for r in roots))
+                             + " or ".join(str(r) for r in roots)
+                             + ("" if env else f" (set ${DATA_ENV} to your root of collections)"))
         raise InputError(f"data dir {given}: no such directory")
     if env:
         env_dir = Path(env).expanduser()
@@ -249,10 +258,10 @@ def load_qrels(
         if len(cols) != len(QRELS_COLUMNS):
             raise InputError(f"{file}, line {n}: expected {len(QRELS_COLUMNS)} tab-separated columns "
                              f"({', '.join(QRELS_COLUMNS)}), got {len(cols)}")
+        if k == 0 and is_qrels_header(cols):
+            continue
         query_id, doc_id, score = cols
         if not _INTEGER.fullmatch(score):
-            if k == 0:  # the header line
-                continue
             raise InputError(f"{file}, line {n}: field 'score' must be an integer, got {score!r}")
         for name, value in zip(QRELS_COLUMNS, (query_id, doc_id)):
             if not value:
@@ -290,6 +299,11 @@ def load_split(path: str | os.PathLike[str], split: str = "test", *, empty: str 
     rows = sorted(qindex[q] for q in qrels)
     judged = Queries(tuple(queries.ids[i] for i in rows), tuple(queries.texts[i] for i in rows), queries.skipped_ids)
     return BeirSplit(folder.resolve().name, split, corpus, judged, qrels)
+
+
+def is_qrels_header(cols: list[str]) -> bool:
+    """Whether a qrels line's columns are the column names (``query-id  corpus-id  score``)."""
+    return [c.strip().lower().replace("_", "-") for c in cols] == list(QRELS_COLUMNS)
 
 
 def positives(qrels: Qrels, threshold: int = 0) -> dict[str, list[str]]:

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
+import shutil
 from pathlib import Path
 from typing import Sequence
 
@@ -27,8 +29,98 @@ from opera_jax.io_utils import atomic_path
 CACHE_ENV = "OPERA_CACHE_DIR"
 
 
+# The files that define a tokenizer, copied as they are by ``FastTokenizer.save_pretrained``.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.txt", "vocab.json", "merges.txt")
+
+
 def load_tokenizer(model_dir: Path):
-    """The model's fast tokenizer, from local files only."""
+    """The model's fast tokenizer (``tokenizer.json``), from local files only.
+
+    Through ``tokenizers`` alone (:class:`FastTokenizer`): 0.1 s to load instead of 2.6 s through
+    transformers, and no "PyTorch was not found" warning. A ``tokenizer_config.json`` asking
+    transformers to add BOS / EOS tokens itself (``add_bos_token``, ``add_eos_token``) goes
+    through transformers, which rewrites the post-processor for them.
+    """
+    config = _read_tokenizer_config(model_dir)
+    if not (model_dir / "tokenizer.json").is_file():
+        raise InputError(f"{model_dir}: no fast tokenizer (tokenizer.json) available")
+    if config.get("add_bos_token") or config.get("add_eos_token"):
+        return _transformers_tokenizer(model_dir)
+    from tokenizers import Tokenizer
+
+    try:
+        backend = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    except Exception as e:  # tokenizers raises its own exception type for a bad file
+        raise InputError(f"{model_dir / 'tokenizer.json'}: cannot load a tokenizer ({e})") from None
+    pad = config.get("pad_token")
+    if pad is None and (model_dir / "special_tokens_map.json").is_file():
+        pad = _read_json_object(model_dir / "special_tokens_map.json").get("pad_token")
+    pad = pad.get("content") if isinstance(pad, dict) else pad
+    return FastTokenizer(backend, model_dir, pad, config.get("truncation_side", "right"))
+
+
+class FastTokenizer:
+    """A ``tokenizers.Tokenizer`` with the part of transformers' fast-tokenizer interface opera-jax
+    uses: ``tokenizer(texts, truncation=True, max_length=n)["input_ids"]`` (special tokens added,
+    no padding, cut on ``truncation_side``), ``pad_token_id``, ``backend_tokenizer``,
+    ``convert_tokens_to_ids`` and ``save_pretrained``. Between calls the backend has neither
+    padding nor truncation set (a tokenizer.json may carry both), so its definition is stable."""
+
+    is_fast = True
+
+    def __init__(self, backend, source: Path, pad_token: str | None, truncation_side: str = "right"):
+        backend.no_padding()
+        backend.no_truncation()
+        self.backend_tokenizer, self.source, self.truncation_side = backend, source, truncation_side
+        self.pad_token = pad_token
+        self.pad_token_id = backend.token_to_id(pad_token) if pad_token is not None else None
+
+    def __call__(self, texts: str | Sequence[str], *, truncation: bool = False, max_length: int | None = None,
+                 padding: bool = False, add_special_tokens: bool = True, **_ignored) -> dict:
+        if padding:
+            raise ValueError("FastTokenizer does not pad: TokenArrays.batch does")
+        single = isinstance(texts, str)
+        backend = self.backend_tokenizer
+        if truncation and max_length is not None:
+            backend.enable_truncation(max_length, strategy="longest_first", direction=self.truncation_side)
+        try:
+            encodings = backend.encode_batch([texts] if single else list(texts), add_special_tokens=add_special_tokens)
+        finally:
+            backend.no_truncation()
+        ids = [e.ids for e in encodings]
+        return {"input_ids": ids[0] if single else ids}
+
+    def convert_tokens_to_ids(self, token: str) -> int | None:
+        return self.backend_tokenizer.token_to_id(token)
+
+    def save_pretrained(self, out: str | os.PathLike) -> None:
+        """The source's tokenizer files, copied as they are (``tokenizer_config.json`` made if absent)."""
+        out = Path(out)
+        for name in TOKENIZER_FILES:
+            if (self.source / name).is_file():
+                shutil.copyfile(self.source / name, out / name)
+        if not (out / "tokenizer_config.json").exists():
+            config = {"pad_token": self.pad_token} if self.pad_token is not None else {}
+            (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
+def _read_json_object(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise InputError(f"{path}: expected a JSON object")
+    return value
+
+
+def _read_tokenizer_config(model_dir: Path) -> dict:
+    path = model_dir / "tokenizer_config.json"
+    return _read_json_object(path) if path.is_file() else {}
+
+
+def _transformers_tokenizer(model_dir: Path):
     from transformers import AutoTokenizer
 
     try:

@@ -9,6 +9,7 @@ from opera_jax.eval.evaluate import Evaluator
 from opera_jax.eval.metrics import CUTOFFS, write_trec_run
 from opera_jax.io_utils import write_json
 from opera_jax.models.encoder import load_encoder
+from opera_jax.preflight import check_output_dir
 
 TABLE_ROWS = (("ndcg", "NDCG"), ("recall", "Recall"), ("mrr", "MRR"), ("ndcg_release", "NDCG (release)"))
 
@@ -34,6 +35,8 @@ def run_eval(
     max_passage_len: int | None = None,
     empty: str = "error",
 ) -> dict:
+    if out is not None:  # before the evaluation, not after it
+        check_output_dir(out, "--out directory")
     data_dir = resolve_data_dir(data)
     beir = load_split(data_dir, split, empty=empty)
     encoder = load_encoder(model)

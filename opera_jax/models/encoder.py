@@ -25,6 +25,9 @@ from opera_jax.models.hub import resolve_model_dir
 from opera_jax.models.weights import NameMap, load_into
 
 POOLINGS = ("cls", "mean", "last")
+# The sentence-transformers modules we implement; any other (Dense, LayerNorm, ...) would change the
+# embeddings, so a model that lists one is refused rather than loaded without it.
+ST_MODULES = ("Transformer", "Pooling", "Normalize")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,10 +61,10 @@ def read_spec(model_dir: Path, max_position_embeddings: int) -> EncoderSpec:
     modules_file = model_dir / "modules.json"
     if modules_file.exists():
         modules = _read_json(modules_file)
-        types = [m.get("type", "") for m in modules]
-        fields["normalize"] = any(t.endswith("models.Normalize") for t in types)
-        for m in modules:
-            if m.get("type", "").endswith("models.Pooling"):
+        types = _module_types(modules_file, modules)
+        fields["normalize"] = "Normalize" in types
+        for m, kind in zip(modules, types):
+            if kind == "Pooling":
                 fields["pooling"] = _pooling_from_st(model_dir / m.get("path", "") / "config.json")
     st_config = model_dir / "sentence_bert_config.json"
     if st_config.exists():
@@ -77,6 +80,22 @@ def read_spec(model_dir: Path, max_position_embeddings: int) -> EncoderSpec:
     if tok_config.exists():
         fields["padding_side"] = _read_json(tok_config).get("padding_side", "right")
     return EncoderSpec(**fields)
+
+
+def _module_types(path: Path, modules: Any) -> list[str]:
+    """The short type of each module ``modules.json`` lists (``Pooling`` for
+    ``sentence_transformers.models.Pooling``); one we do not implement is an InputError."""
+    if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
+        raise InputError(f"{path}: expected a list of module objects")
+    types = []
+    for m in modules:
+        full = str(m.get("type", ""))
+        kind = full.rpartition(".")[2]
+        if not full.startswith("sentence_transformers.") or kind not in ST_MODULES:
+            raise InputError(f"{path}: module {m.get('name', m.get('idx', '?'))!r} has type {full!r}, which "
+                             f"opera-jax does not implement (supported: {', '.join(ST_MODULES)})")
+        types.append(kind)
+    return types
 
 
 def _pooling_from_st(path: Path) -> str:

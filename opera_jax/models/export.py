@@ -29,7 +29,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from opera_jax.errors import InputError
-from opera_jax.io_utils import write_json
+from opera_jax.io_utils import current_umask, write_json
 from opera_jax.models.encoder import ARCHITECTURES, Encoder, EncoderSpec, Retriever
 from opera_jax.models.model_card import CardInfo, card_title, hub_id, render
 from opera_jax.models.weights import SINGLE_FILE, NameMap, checkpoint_files, hf_state_dict
@@ -117,6 +117,7 @@ def _write_model(encoder: Encoder, model: Retriever, out: Path) -> None:
     if passthrough is not None:
         tensors.update(_source_tensors(encoder.source, name_map, passthrough))
     save_file(tensors, str(out / SINGLE_FILE), metadata={"format": "pt"})
+    os.chmod(out / SINGLE_FILE, 0o666 & ~current_umask())  # safetensors makes it 0600 whatever the umask
 
 
 def _source_tensors(model_dir: Path, name_map: NameMap, pattern: re.Pattern[str]) -> dict[str, np.ndarray]:

@@ -4,10 +4,16 @@ Sections, in the order a run goes through them: set-up (model, data, negatives,
 method, state), resume, the loop (plan -> batches -> jitted step; evaluation,
 logging and checkpoints every N steps), export.
 
+Everything that can be checked is checked before work starts and before
+anything is written: the run directory and its config, the model files, both
+splits, one batch against the training set (``opera_jax/preflight.py``).
+
 The hot loop never waits on the device except every ``log_every`` steps (to
 show the loss), at evaluations and at checkpoints. Workdir layout:
 
-    config.yaml      the exact config of the run
+    config.yaml      the exact config of the run, written once when it starts: the same config
+                     resumes, a finished run is left alone, a different one is refused
+                     (``run_dir.py``; ``new_run`` starts over)
     train_log.jsonl  the mean training loss and examples/s every ``train.log_every`` steps
     metrics.jsonl    one JSON object per evaluation, step 0 (the base model) included;
                      train_seconds is training time without evaluations and without
@@ -33,7 +39,7 @@ import jax.numpy as jnp
 from flax import nnx
 from tqdm.auto import tqdm
 
-from opera_jax.config import Config, dump_config
+from opera_jax.config import Config
 from opera_jax.data.beir import BeirSplit, load_split, resolve_data_dir
 from opera_jax.data.mining import load_or_mine
 from opera_jax.data.pairs_jsonl import is_pairs_file, load_pairs_jsonl
@@ -55,9 +61,11 @@ from opera_jax.models.bert import Precision
 from opera_jax.models.encoder import Encoder, load_encoder
 from opera_jax.models.export import export_encoder
 from opera_jax.models.model_card import run_card
+from opera_jax.preflight import check_batch_fits, check_batch_within, check_output_dir
 from opera_jax.sharding import FSDP_RULES, REPLICATED_RULES, batch_sharding, make_mesh, put_global, tree_shardings
 from opera_jax.train.checkpoint import Checkpointer
-from opera_jax.train.optim import make_optimizer
+from opera_jax.train import run_dir
+from opera_jax.train.optim import learning_rate_schedule, make_optimizer
 from opera_jax.train.step import init_state, make_train_step
 
 log = logging.getLogger(__name__)
@@ -85,13 +93,17 @@ class Setup:
     ts: TrainingSet
     query_tokens: TokenArrays  # the training queries, with the query prefix
     doc_tokens: TokenArrays  # the whole corpus, with the passage prefix
+    eval_split: BeirSplit | None = None  # loaded when preparing a training run
     given: TrainData | None = None
 
 
-def prepare(config: Config, mesh, *, progress: bool = False, data: TrainData | None = None) -> Setup:
-    """Model, training data and tokens. ``data``: already-loaded splits (``opera_jax.finetune``), used
-    instead of ``data.path``; a ``data.path`` naming a ``{query, pos, neg}`` JSONL file is read as one,
-    with 10% of its queries held out for evaluation (``tables.hold_out``, seeded by ``seed``)."""
+def prepare(config: Config, mesh, *, progress: bool = False, training: bool = False,
+            data: TrainData | None = None) -> Setup:
+    """Model, training split and training set, tokenised. ``training``: also load the eval split and
+    check that one batch fits the training set, before tokenising anything. ``data``: already-loaded
+    splits (``opera_jax.finetune``), used instead of ``data.path``; a ``data.path`` naming a
+    ``{query, pos, neg}`` JSONL file is read as one, with 10% of its queries held out for evaluation
+    (``tables.hold_out``, seeded by ``seed``)."""
     d = config.data
     encoder = load_model(config)
     spec = encoder.spec
@@ -101,9 +113,14 @@ def prepare(config: Config, mesh, *, progress: bool = False, data: TrainData | N
     data_dir = None if data is not None else resolve_data_dir(d.path)
     train_split = data.train if data is not None else load_split(data_dir, d.train_split, empty=d.empty)
     ts = build_training_set(train_split, d.pos_threshold)
+    eval_split = None
+    if training:
+        if data is None:
+            eval_split = load_split(data_dir, d.eval_split, empty=d.empty)
+        check_batch_fits(config, ts.num_queries, ts.num_pairs, d.train_split)
     query_tokens = tokenize(encoder.tokenizer, ts.query_texts, d.query_max_len, spec.query_prefix)
     doc_tokens = tokenize(encoder.tokenizer, train_split.corpus.passages(), d.passage_max_len, spec.passage_prefix)
-    return Setup(encoder, data_dir, train_split, ts, query_tokens, doc_tokens, data)
+    return Setup(encoder, data_dir, train_split, ts, query_tokens, doc_tokens, eval_split, data)
 
 
 def mine(config: Config, setup: Setup, mesh, *, progress: bool = False, path: Path | None = None):
@@ -174,20 +191,22 @@ class MetricsLog:
 
 
 def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = True,
-                       stop_after: int | None = None, data: TrainData | None = None) -> dict:
+                       stop_after: int | None = None, new_run: bool = False,
+                       data: TrainData | None = None) -> dict:
     """Train, evaluate every ``train.eval_every`` steps, checkpoint, export. Returns the last evaluation.
 
-    A workdir with checkpoints resumes from the latest. ``stop_after`` ends the
-    run early after that many steps (checkpointed, not exported), as a
-    preemption would; run again to continue. ``data``: already-loaded splits
-    instead of ``data.path`` (see ``prepare``); given negatives replace mining,
-    and with no eval split the run is not evaluated (returns ``{}``).
+    A workdir of the same config resumes from its latest checkpoint; a finished one is returned
+    as it is (its last evaluation); one of a different config is refused unless ``new_run``,
+    which discards it. ``stop_after`` ends the run early after that many steps (checkpointed,
+    not exported), as a preemption would; run again to continue. ``data``: already-loaded splits
+    instead of ``data.path`` (see ``prepare``); given negatives replace mining, and with no eval
+    split the run is not evaluated (returns ``{}``).
     """
     workdir = Path(workdir)
     main_process = jax.process_index() == 0
-    if main_process:
-        workdir.mkdir(parents=True, exist_ok=True)
-        dump_config(config, workdir / "config.yaml")
+    status = run_dir.inspect(workdir, config, new_run=new_run)
+    if status == run_dir.FINISHED:
+        return run_dir.last_metrics(workdir)
     d, o, t = config.data, config.optim, config.train
     mesh = make_mesh(fsdp=config.mesh.fsdp)
     if o.batch_size % mesh.size:
@@ -195,7 +214,7 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
     if o.grad_cache_chunk and o.grad_cache_chunk % mesh.size:
         raise InputError(f"optim.grad_cache_chunk {o.grad_cache_chunk} must be a multiple of the {mesh.size} devices")
 
-    setup = prepare(config, mesh, progress=progress, data=data)
+    setup = prepare(config, mesh, progress=progress, training=True, data=data)
     encoder, spec, ts = setup.encoder, setup.encoder.spec, setup.ts
     query_tokens, doc_tokens = setup.query_tokens, setup.doc_tokens
     given = setup.given
@@ -205,7 +224,7 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
         else:
             mined = mine(config, setup, mesh, progress=progress)
             ts = ts.with_negatives(mined.negatives, mined.counts)
-    eval_split = load_split(setup.data_dir, d.eval_split, empty=d.empty) if given is None else given.eval
+    eval_split = setup.eval_split if given is None else given.eval
     evaluator = None if eval_split is None else Evaluator(
         eval_split, encoder.tokenizer, spec, max_query_len=d.query_max_len,
         max_passage_len=d.passage_max_len, batch_size=d.eval_batch_size, mesh=mesh)
@@ -214,12 +233,21 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
     method = make_method(config, ts, encoder, query_tokens, doc_tokens, mesh)
     method_setup_s = time.perf_counter() - setup_start  # SP/DP: the base model's pair scores
     if method.ts is not ts:  # static pruning trains on a subset: renumbered queries, so their tokens too
+        check_batch_within(o.batch_size, method.ts.num_queries, method.name,
+                           f"{method.ts.num_queries} of {ts.num_queries} training queries keep a pair")
         query_tokens = query_tokens.take(method.ts.rows_in(ts))
         ts = method.ts
+    if main_process:  # every check passed: the run starts (config.yaml, written once)
+        run_dir.start(workdir, config, status)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("opera-jax run directory ready")
 
     model = encoder.model
     model.train()
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    learning_rate = learning_rate_schedule(o.learning_rate, o.max_steps, o.warmup_ratio, o.schedule)
     optimizer = make_optimizer(o.learning_rate, o.max_steps, warmup_ratio=o.warmup_ratio,
                                weight_decay=o.weight_decay, max_grad_norm=o.max_grad_norm, schedule=o.schedule)
     state = init_state(params, optimizer, config.seed, method.init_state())
@@ -243,16 +271,18 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
         segment, iterator_state, train_seconds = data["segment"], data["iterator"], data["train_seconds"]
         compile_seconds = data.get("compile_seconds", 0.0)
         log.info("resumed from step %d", latest)
+        if progress and main_process:
+            tqdm.write(f"resuming from the step-{latest} checkpoint in {workdir / 'checkpoints'}")
     start = int(state.step)
     metrics_log = MetricsLog(workdir / "metrics.jsonl", keep_until=start, enabled=main_process)
     train_log = MetricsLog(workdir / "train_log.jsonl", keep_until=start, enabled=main_process)
-    writer = _tensorboard(workdir / "tb") if main_process else None
+    writer = _tensorboard(workdir / "tb", config) if main_process else None
 
     def new_segment(seg: int, step: int, saved_plan=None, saved_iter=None):
         p = saved_plan if saved_plan is not None else method.plan(state.method, seg, step)
         ds = make_dataset(p, ts, query_tokens, doc_tokens, batch_spec, seed=_segment_seed(config.seed, seg),
                           process_index=jax.process_index(), process_count=jax.process_count())
-        if len(ds) == 0:
+        if len(ds) == 0:  # checked before the run started (preflight.py): a bug if it happens
             raise ValueError(f"a plan of {len(p)} draws is shorter than one batch of {o.batch_size}")
         return p, iterate(ds, saved_iter)
 
@@ -266,7 +296,7 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
         nonlocal last
         if evaluator is None:  # loaded data without an eval split
             return {}
-        result = evaluator(current_model())
+        result = evaluator(current_model(), progress=progress and main_process)  # transient encoding bars
         row = {"step": step, "wall_time_s": round(time.perf_counter() - run_start, 3),
                "train_seconds": round(train_seconds, 3), "compile_seconds": round(compile_seconds, 3),
                "method_setup_s": round(method_setup_s, 3),
@@ -276,14 +306,17 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
         if main_process and step == o.max_steps:
             write_trec_run(workdir / "run.trec", result.run)  # the final model's ranking, for per-query tests
         if writer is not None:
-            for k in ("ndcg@10", "recall@20", "mrr@10", "recall@100"):
-                writer.add_scalar(f"eval/{k}", row[k], step)
+            for k in EVAL_SCALARS:
+                writer.add_scalar(_eval_tag(k), row[k], step)
             writer.flush()
+        if progress and main_process:  # one line per evaluation, above the training bar
+            tqdm.write(f"step {step}{' (base model)' if step == 0 else ''}: ndcg@10 {row['ndcg@10']:.4f} "
+                       f"recall@20 {row['recall@20']:.4f} mrr@10 {row['mrr@10']:.4f} ({result.seconds:.1f} s)")
         last = row
         return row
 
-    if start == 0 and (row := evaluate(0)):
-        log.info("step 0: ndcg@10 %.4f recall@20 %.4f", row["ndcg@10"], row["recall@20"])
+    if start == 0:
+        evaluate(0)
     bar = tqdm(total=o.max_steps, initial=start, desc="train", unit="step", disable=not (progress and main_process))
     interval_start, interval_steps = time.perf_counter(), 0
     loss_sum, finite = jnp.zeros(()), jnp.array(True)
@@ -304,6 +337,7 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
             compiled_shapes.add(shapes)
             compile_seconds += time.perf_counter() - compile_start
             interval_start += time.perf_counter() - compile_start
+            _discount(bar, time.perf_counter() - compile_start)  # a compile is no step: keep it out of the ETA
         state, out = train_step(state, batch)
         loss_sum, finite = loss_sum + out["loss"], finite & out["finite"]
         interval_steps += 1
@@ -326,6 +360,7 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
                               "examples_per_s": round(interval_steps * o.batch_size / elapsed, 3)})
             if writer is not None:
                 writer.add_scalar("train/loss", mean_loss, done)
+                writer.add_scalar("train/learning_rate", float(learning_rate(done - 1)), done)  # step done's
                 writer.add_scalar("train/examples_per_s", interval_steps * o.batch_size / elapsed, done)
             if is_ckpt:
                 checkpointer.save(done, state, plan, {"segment": segment, "iterator": batches.get_state(),
@@ -333,9 +368,9 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
                                                       "compile_seconds": compile_seconds})
                 last_saved = done
             if is_eval:
-                row = evaluate(done)
-                if main_process and row:
-                    bar.write(f"step {done}: ndcg@10 {row['ndcg@10']:.4f} recall@20 {row['recall@20']:.4f}")
+                bar.set_description("train (evaluating)")  # the bar says why it waits
+                evaluate(done)
+                bar.set_description("train")
             loss_sum, finite, interval_steps = jnp.zeros(()), jnp.array(True), 0
             interval_start = time.perf_counter()
         if stopping:
@@ -344,6 +379,8 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
     checkpointer.close()
     if stop_after is not None and int(state.step) < o.max_steps:
         return last
+    if not last and main_process:  # resumed from the final checkpoint (stopped during the export)
+        last = run_dir.last_metrics(workdir)
     if main_process:
         export_encoder(encoder, workdir / "model", model=current_model(), card=run_card(config, workdir, setup))
         if writer is not None:
@@ -356,7 +393,10 @@ def export_run(workdir: str | Path, out: str | Path, step: int | None = None) ->
     from opera_jax.config import load_config
 
     workdir = Path(workdir)
-    config = load_config(workdir / "config.yaml")
+    if not (workdir / run_dir.CONFIG_FILE).is_file():
+        raise InputError(f"{workdir}: not a run directory (no {run_dir.CONFIG_FILE})")
+    check_output_dir(out, "export directory")
+    config = load_config(workdir / run_dir.CONFIG_FILE)
     encoder = load_model(config)
     checkpointer = Checkpointer(workdir / "checkpoints")
     step = checkpointer.latest_step() if step is None else step
@@ -365,6 +405,13 @@ def export_run(workdir: str | Path, out: str | Path, step: int | None = None) ->
     nnx.update(encoder.model, checkpointer.restore_params(step, nnx.state(encoder.model, nnx.Param)))
     checkpointer.close()
     return export_encoder(encoder, out, card=run_card(config, workdir, None, step=step))
+
+
+def _discount(bar, seconds: float) -> None:
+    """Leave ``seconds`` out of a tqdm bar's rate and ETA (as if they had not passed)."""
+    if not bar.disable:
+        bar.start_t += seconds
+        bar.last_print_t += seconds
 
 
 def _batch_putter(mesh):
@@ -376,7 +423,31 @@ def _batch_putter(mesh):
     return put
 
 
-def _tensorboard(path: Path):
-    from tensorboardX import SummaryWriter
+EVAL_SCALARS = ("ndcg@10", "recall@20", "mrr@10", "recall@100")
 
-    return SummaryWriter(str(path))
+
+def _eval_tag(metric: str) -> str:
+    """The TensorBoard tag of an evaluation metric: ``eval/ndcg_10`` (a tag cannot hold ``@``)."""
+    return "eval/" + metric.replace("@", "_")
+
+
+def hparams_of(config: Config) -> dict[str, bool | int | float | str]:
+    """The config as TensorBoard hyperparameters: dotted keys, None as "null"."""
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: "null" if v is None else v})
+        return out
+
+    return flat(dataclasses.asdict(config))
+
+
+def _tensorboard(path: Path, config: Config):
+    """The run's writer, with its config recorded as hyperparameters (against the eval scalars)."""
+    from tensorboardX import SummaryWriter
+    from tensorboardX.summary import hparams
+
+    writer = SummaryWriter(str(path))
+    for summary in hparams(hparams_of(config), {_eval_tag(k): 0.0 for k in EVAL_SCALARS}):
+        writer.file_writer.add_summary(summary)
+    return writer
