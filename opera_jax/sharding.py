@@ -56,6 +56,21 @@ def batch_mesh(x: jax.Array):
     return mesh
 
 
+def per_device(fn, *args, whole: tuple[int, ...] = (), summed: bool = False):
+    """``fn(*args)``, each device on its own rows of the batch when traced under ``jax.set_mesh`` of a
+    mesh of several devices. Every argument has the batch (or its tokens) as its leading axis, except
+    those at the positions in ``whole`` (weights: every device gets all of them). The result is split
+    over the batch like the arguments, or, with ``summed``, added up over the devices (a weight
+    gradient: each device's product over its own tokens, then one ``psum``)."""
+    mesh = batch_mesh(args[0])
+    if mesh is None or mesh.size == 1 or mesh.manual_axes:  # (manual: already per device, in shard_map)
+        return fn(*args)
+    in_specs = tuple(P() if i in whole else P(BATCH_AXES) for i in range(len(args)))
+    body = (lambda *a: jax.lax.psum(fn(*a), BATCH_AXES)) if summed else fn
+    out_specs = P() if summed else P(BATCH_AXES)
+    return jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*args)
+
+
 def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 

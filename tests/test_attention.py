@@ -222,3 +222,30 @@ def test_an_accelerator_path_imports_nothing_of_the_cpu_package(tiny_bert_dir):
                          text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "cpu modules: []" in run.stdout
+
+
+@pytest.mark.parametrize("kv", [4, 2])
+def test_pallas_under_the_step_mesh_runs_per_device_and_equals_one_device(kv):
+    """Under the train step's mesh each device runs splash attention on its own sequences (no gather
+    of the batch); values and gradients equal the unsharded call."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from opera_jax.sharding import BATCH_AXES, make_mesh
+
+    mesh = make_mesh()
+    q, k, v, mask, _, g = _operands(mesh.size, 128, 4, kv, 16, list(range(128, 0, -128 // mesh.size)), False,
+                                    biases=False)
+
+    def value_and_grads(q, k, v, mask, g):
+        fn = lambda q, k, v: attention.attend(q, k, v, mask, implementation="pallas", causal=kv != 4, scale=0.25)
+        out, vjp = jax.vjp(fn, q, k, v)
+        return (out, *vjp(g))
+
+    want = jax.jit(value_and_grads)(q, k, v, mask, g)
+    args = jax.device_put((q, k, v, mask, g), NamedSharding(mesh, P(BATCH_AXES)))
+    with jax.set_mesh(mesh):
+        text = jax.jit(value_and_grads).lower(*args).compile().as_text()
+        got = jax.jit(value_and_grads)(*args)
+    for a, w in zip(got, want):
+        np.testing.assert_allclose(a, w, atol=1e-5, rtol=1e-5)
+    assert "all-gather" not in text

@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from opera_jax.cpu import blas as cpu_blas, kernels as cpu_kernels
+from opera_jax.sharding import per_device
 
 SOURCE = cpu_kernels.CSRC / "attention.cc"
 # pass -> (XLA custom-call target, the library's handler symbol)
@@ -107,7 +108,7 @@ def _kernel(kind, result_shapes, keep, rate, scale, bq, bv, q, k, v, bias2, *res
         return fn(q, k, v, bias2, mask, bq, bv, *xs, **attrs)
 
     args = (q, k, v, bias2, *((keep,) if masked else ()), *rest, bq, bv)
-    return cpu_kernels.per_device(call, *args, whole=(len(args) - 2, len(args) - 1))
+    return per_device(call, *args, whole=(len(args) - 2, len(args) - 1))
 
 
 def _forward(q, k, v, bias2, keep, bq, bv, rate, scale):

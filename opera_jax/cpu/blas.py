@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from opera_jax.cpu import kernels as cpu_kernels
+from opera_jax.sharding import per_device
 
 log = logging.getLogger(__name__)
 
@@ -97,15 +98,15 @@ def _gemm(a: jax.Array, b: jax.Array, ta: bool, tb: bool) -> jax.Array:
 
 def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     """``x @ w``: ``[tokens, din] @ [din, dout]`` (a dense layer's forward product)."""
-    return cpu_kernels.per_device(lambda x, w: _gemm(x, w, False, False), x, w, whole=(1,))
+    return per_device(lambda x, w: _gemm(x, w, False, False), x, w, whole=(1,))
 
 
 def matmul_t(g: jax.Array, w: jax.Array) -> jax.Array:
     """``g @ w.T``: ``[tokens, dout]`` by ``[din, dout]`` (a dense layer's input gradient)."""
-    return cpu_kernels.per_device(lambda g, w: _gemm(g, w, False, True), g, w, whole=(1,))
+    return per_device(lambda g, w: _gemm(g, w, False, True), g, w, whole=(1,))
 
 
 def t_matmul(a: jax.Array, g: jax.Array) -> jax.Array:
     """``a.T @ g``: ``[tokens, din]`` and ``[tokens, dout]`` contracted over every device's tokens
     (a dense layer's weight gradient)."""
-    return cpu_kernels.per_device(lambda a, g: _gemm(a, g, True, False), a, g, summed=True)
+    return per_device(lambda a, g: _gemm(a, g, True, False), a, g, summed=True)

@@ -38,6 +38,7 @@ from flax import nnx
 
 from opera_jax.errors import InputError
 from opera_jax.models import ops
+from opera_jax.sharding import per_device
 
 IMPLEMENTATIONS = ("auto", "xla", "cpu", "cudnn", "pallas")
 HALF = (jnp.bfloat16, jnp.float16)
@@ -172,29 +173,34 @@ def _splash_kernel(n: int, heads: int, causal: bool, mqa: bool, interpret: bool)
     blocks = sk.BlockSizes(block_q=size, block_kv=size, block_kv_compute=size, block_q_dkv=size,
                            block_kv_dkv=size, block_kv_dkv_compute=size, block_q_dq=size, block_kv_dq=size)
     make = sk.make_splash_mqa if mqa else sk.make_splash_mha
-    return make(sm.MultiHeadMask([one] * heads), block_sizes=blocks, head_shards=1, q_seq_shards=1,
-                interpret=interpret)
+    with jax.ensure_compile_time_eval():  # its mask tables concrete arrays, not the first caller's tracers
+        return make(sm.MultiHeadMask([one] * heads), block_sizes=blocks, head_shards=1, q_seq_shards=1,
+                    interpret=interpret)
 
 
 def _splash(q, k, v, mask, causal):
     """Splash attention per sequence (``q`` already scaled); padding as segment ids (real tokens 1,
     padding 0: a padded query sees padded keys only, so no row is empty). Grouped-query heads: the
-    multi-query kernel per key/value head, its group of query heads against that one head."""
+    multi-query kernel per key/value head, its group of query heads against that one head. Under the
+    train step's mesh each device runs it on its own sequences (``sharding.per_device``): XLA cannot
+    split a Pallas call itself."""
     from jax.experimental.pallas.ops.tpu.splash_attention.splash_attention_kernel import SegmentIds
 
     b, n, heads, d = q.shape
     kv = k.shape[2]
     interpret = jax.default_backend() != "tpu"
-    segments = (mask > 0).astype(jnp.int32)
     t = lambda x: x.transpose(0, 2, 1, 3)  # [b, heads, n, d]
+    one = lambda kernel: lambda q, k, v, s: kernel(q, k, v, segment_ids=SegmentIds(q=s, kv=s))
     if kv == heads:
-        kernel = _splash_kernel(n, heads, causal, False, interpret)
-        one = lambda q, k, v, s: kernel(q, k, v, segment_ids=SegmentIds(q=s, kv=s))
-        return t(jax.vmap(one)(t(q), t(k), t(v), segments))
-    group = heads // kv
-    kernel = _splash_kernel(n, group, causal, True, interpret)
-    qg = t(q).reshape(b, kv, group, n, d)
-    per_head = lambda q, k, v, s: kernel(q, k, v, segment_ids=SegmentIds(q=s, kv=s))
-    per_seq = jax.vmap(per_head, in_axes=(0, 0, 0, None))  # over key/value heads
-    out = jax.vmap(per_seq)(qg, t(k), t(v), segments)  # [b, kv, group, n, d]
-    return t(out.reshape(b, heads, n, d))
+        kernel = one(_splash_kernel(n, heads, causal, False, interpret))
+        body = lambda q, k, v, s: t(jax.vmap(kernel)(t(q), t(k), t(v), s))
+    else:
+        group = heads // kv
+        kernel = one(_splash_kernel(n, group, causal, True, interpret))
+        per_seq = jax.vmap(kernel, in_axes=(0, 0, 0, None))  # over key/value heads
+
+        def body(q, k, v, s):
+            out = jax.vmap(per_seq)(t(q).reshape(-1, kv, group, n, d), t(k), t(v), s)  # [b, kv, group, n, d]
+            return t(out.reshape(-1, heads, n, d))
+
+    return per_device(body, q, k, v, (mask > 0).astype(jnp.int32))
