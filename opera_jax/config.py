@@ -67,6 +67,10 @@ class DataConfig:
     pos_threshold: int = 0  # a qrel is a positive when its score is above this
     empty: str = "error"  # error | skip: empty queries / documents
     eval_batch_size: int = 128
+    passage_text: str = "title_text"  # title_text: title + " " + body (BEIR, MTEB) | text: body only (the release)
+    # > 0: hold out this share of the training queries (a fixed draw, the same for every seed and
+    # method) and evaluate on them instead of eval_split: knobs are chosen there, never on test
+    valid_fraction: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +91,9 @@ class OptimConfig:
     temperature: float = 0.05
     batch_size: int = 32  # GLOBAL number of queries per step
     max_steps: int = 300
+    # the budget in passes over the training queries: when set, max_steps = ceil(max_epochs * n / batch_size)
+    # (n: the training queries before any pruning), so one number means the same on every collection
+    max_epochs: float | None = None
     schedule: str = "linear"  # linear (warmup then linear decay to 0) | constant (after warmup)
     grad_cache_chunk: int | None = None  # queries per encoder call with cached gradients (GradCache); null = off
 
@@ -160,6 +167,7 @@ CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "data.empty": ("error", "skip"),
+    "data.passage_text": ("title_text", "text"),
     "mining.mode": ("hard", "random"),
     "optim.schedule": ("linear", "constant"),
     "method.name": ("basic", "sp", "dp", "infobatch"),
@@ -179,6 +187,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.passage_max_len": (lambda v: v >= 2, ">= 2"),
     "data.group_size": (lambda v: v >= 1, ">= 1"),
     "data.eval_batch_size": (lambda v: v >= 1, ">= 1"),
+    "data.valid_fraction": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "mining.rank_start": (lambda v: v >= 0, ">= 0"),
     "mining.num_negatives": (lambda v: v >= 1, ">= 1"),
     "optim.learning_rate": (lambda v: v >= 0, ">= 0"),
@@ -188,6 +197,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "optim.temperature": (lambda v: v > 0, "> 0"),
     "optim.batch_size": (lambda v: v >= 1, ">= 1"),
     "optim.max_steps": (lambda v: v >= 1, ">= 1"),
+    "optim.max_epochs": (lambda v: v > 0, "> 0 (or null)"),
     "optim.grad_cache_chunk": (lambda v: v >= 1, ">= 1 (or null)"),
     "train.eval_every": (lambda v: v >= 0, ">= 0"),
     "train.checkpoint_every": (lambda v: v >= 0, ">= 0"),
@@ -439,6 +449,20 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     config = _build(Config, data, "", label_of)
     _validate(config, label_of)
     return config
+
+
+def steps_for_passes(passes: float, num_queries: int, batch_size: int) -> int:
+    """The steps of ``passes`` passes over ``num_queries`` queries at ``batch_size`` a step (at least 1)."""
+    return max(1, math.ceil(passes * num_queries / batch_size - 1e-9))
+
+
+def with_budget(config: Config, num_queries: int) -> Config:
+    """``config`` with ``optim.max_steps`` from ``optim.max_epochs`` when that is set (else unchanged)."""
+    o = config.optim
+    if o.max_epochs is None:
+        return config
+    steps = steps_for_passes(o.max_epochs, num_queries, o.batch_size)
+    return dataclasses.replace(config, optim=dataclasses.replace(o, max_steps=steps))
 
 
 def config_to_dict(config: Config) -> dict:
