@@ -9,7 +9,9 @@ The format mirrors the dataclasses below: one YAML mapping per section
     optim: {learning_rate: 2.0e-5, batch_size: 32}
     method: {name: dp, dp: {strength_end: 5.0}}
 
-A file may be partial: defaults fill the rest. ``load_config(path,
+A file may be partial: defaults fill the rest. A file may name another as its ``base:`` (a path
+relative to the file): the base is read first (its own base too), and the file's keys replace the
+base's, section by section. ``load_config(path,
 ["optim.learning_rate=1e-5", "seed=1"])`` applies overrides after the file; an
 override's value is parsed as YAML (``true``, ``null``, ``[1, 2]``), and a
 number written as a string (PyYAML reads ``1e-5`` as one) is accepted where a
@@ -370,6 +372,34 @@ def _read_yaml(path: Path) -> Any:
         raise InputError(f"{path}{where}: invalid YAML: {getattr(e, 'problem', None) or e}") from None
 
 
+def _merge(base: dict, over: dict) -> dict:
+    """``over``'s keys replace ``base``'s, recursively into sections that are mappings in both."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_with_base(path: Path, chain: tuple[Path, ...] = ()) -> Any:
+    """The YAML of ``path`` over that of its ``base:`` file, if it names one."""
+    data = _read_yaml(path)
+    if not (isinstance(data, dict) and "base" in data):
+        return data
+    data = dict(data)
+    base = data.pop("base")
+    if not isinstance(base, str) or not base:
+        raise InputError(f"{path}: base must be the path of another config file, got {base!r}")
+    base_path = (path.parent / base).resolve()
+    if base_path in chain or base_path == path.resolve():
+        raise InputError(f"{path}: base {base!r} leads back to itself")
+    parent = _read_with_base(base_path, chain + (path.resolve(),))
+    if parent is None:
+        parent = {}
+    if not isinstance(parent, dict):
+        raise InputError(f"{base_path}: the config must be a mapping of keys, got {type(parent).__name__}")
+    return _merge(parent, data)
+
+
 def _parse_override(item: str) -> tuple[str, Any]:
     """``'a.b=value'`` -> ``('a.b', parsed value)``, checking that ``a.b`` is a field."""
     key, sep, raw = item.partition("=")
@@ -415,7 +445,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     Raises ``InputError`` naming the file (or override) and the field at fault.
     """
     source = str(path) if path is not None else "<defaults>"
-    data = _read_yaml(Path(path)) if path is not None else {}
+    data = _read_with_base(Path(path)) if path is not None else {}
     release_file = False
     if data is None:
         data = {}

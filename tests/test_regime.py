@@ -1,6 +1,8 @@
 """The knobs of the release's regime: passage text, a budget in passes, a validation split from train."""
 
+import dataclasses
 import math
+from pathlib import Path
 
 import pytest
 
@@ -50,3 +52,34 @@ def test_validation_split_is_fixed_disjoint_and_complete():
     assert len(carve(_split(3), 0.01)[1].queries) == 1 and len(carve(_split(3), 0.99)[0].queries) == 1
     with pytest.raises(InputError, match="valid_fraction"):
         load_config(None, ["data.valid_fraction=1"])
+
+
+REGIME = Path(__file__).resolve().parents[1] / "configs" / "regime"
+
+
+def test_a_config_file_over_its_base(tmp_path):
+    (tmp_path / "base.yaml").write_text("optim: {learning_rate: 1.0e-5, batch_size: 16}\nmethod: {dp: {delta: 0.5}}\n")
+    (tmp_path / "mid.yaml").write_text("base: base.yaml\noptim: {batch_size: 8}\n")
+    (tmp_path / "top.yaml").write_text("base: mid.yaml\nmethod: {name: dp}\n")
+    c = load_config(tmp_path / "top.yaml", ["optim.batch_size=4"])
+    assert (c.optim.learning_rate, c.method.name, c.method.dp.delta) == (1e-5, "dp", 0.5)
+    assert c.optim.batch_size == 4 and load_config(tmp_path / "top.yaml").optim.batch_size == 8
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(InputError, match="itself"):
+        load_config(tmp_path / "loop.yaml")
+
+
+def test_the_regime_files_share_one_base():
+    base = load_config(REGIME / "base.yaml")
+    assert base.optim.learning_rate <= 1e-5 and base.optim.max_epochs >= 40 and base.data.passage_text == "text"
+    assert (base.optim.temperature, base.data.group_size, base.method.sp.kept_pct) == (0.02, 2, 0.5)
+    for method in ("basic", "sp", "dp", "infobatch"):
+        c = load_config(REGIME / f"{method}.yaml")
+        assert c.method.name == method
+        assert dataclasses.replace(c, method=base.method) == base  # nothing but the method differs
+    flat = load_config(REGIME / "dp-flat.yaml").method.dp
+    assert (flat.strength_start, flat.strength_end, flat.pos_strength) == (1.1, 1.1, 1.0)
+    lower = load_config(REGIME / "dp-lower.yaml").method.dp
+    assert not lower.keep_higher_query and not lower.keep_higher_pos
+    for f in REGIME.glob("*.yaml"):
+        assert "optim:" not in f.read_text() or f.name == "base.yaml"  # no copied blocks
