@@ -83,3 +83,24 @@ def test_the_regime_files_share_one_base():
     assert not lower.keep_higher_query and not lower.keep_higher_pos
     for f in REGIME.glob("*.yaml"):
         assert "optim:" not in f.read_text() or f.name == "base.yaml"  # no copied blocks
+
+
+@pytest.mark.slow
+def test_a_run_in_passes_on_a_validation_split_with_body_only_passages(tiny_bert_dir, tmp_path):
+    """MED: 20 training queries; 5 held out, 15 trained on for 1.2 passes of 8 = 3 steps; DP on the
+    loss criterion (unseen pairs as NaN through the jitted step and the refreshes)."""
+    from opera_jax.data.beir import load_split, resolve_data_dir
+    from opera_jax.eval.metrics import read_trec_run
+    from opera_jax.train.trainer import train_and_evaluate
+
+    cfg = load_config(None, [
+        f"model.name={tiny_bert_dir}", "model.pooling=mean", "model.normalize=true",
+        "data.path=med", "data.query_max_len=16", "data.passage_max_len=32", "data.passage_text=text",
+        "data.valid_fraction=0.25", "optim.batch_size=8", "optim.max_epochs=1.2", "optim.learning_rate=1e-3",
+        "train.eval_every=0", "mining.rank_start=0", "mining.rank_end=20", "mining.num_negatives=8",
+        "method.name=dp", "method.dp.criterion=loss", "method.dp.refresh_every=1"])
+    last = train_and_evaluate(cfg, tmp_path, progress=False)
+    assert last["step"] == 3 and 0 <= last["ndcg@10"] <= 1
+    train = load_split(resolve_data_dir("med"), "train")
+    valid = held_out(train.queries.ids, 0.25)
+    assert set(read_trec_run(tmp_path / "run.trec")) == valid and len(valid) == 5
