@@ -34,7 +34,7 @@ def _train(args: argparse.Namespace) -> None:
 
     overrides = list(args.overrides)
     if args.max_steps is not None:
-        overrides.append(f"optim.max_steps={args.max_steps}")
+        overrides += [f"optim.max_steps={args.max_steps}", "optim.max_epochs=null"]  # steps win over passes
     if args.eval_every is not None:
         overrides.append(f"train.eval_every={args.eval_every}")
     config = load_config(args.config, overrides)

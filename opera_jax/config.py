@@ -9,7 +9,9 @@ The format mirrors the dataclasses below: one YAML mapping per section
     optim: {learning_rate: 2.0e-5, batch_size: 32}
     method: {name: dp, dp: {strength_end: 5.0}}
 
-A file may be partial: defaults fill the rest. ``load_config(path,
+A file may be partial: defaults fill the rest. A file may name another as its ``base:`` (a path
+relative to the file): the base is read first (its own base too), and the file's keys replace the
+base's, section by section. ``load_config(path,
 ["optim.learning_rate=1e-5", "seed=1"])`` applies overrides after the file; an
 override's value is parsed as YAML (``true``, ``null``, ``[1, 2]``), and a
 number written as a string (PyYAML reads ``1e-5`` as one) is accepted where a
@@ -72,6 +74,10 @@ class DataConfig:
     pos_threshold: int = 0  # a qrel is a positive when its score is above this
     empty: str = "error"  # error | skip: empty queries / documents
     eval_batch_size: int = 128
+    passage_text: str = "title_text"  # title_text: title + " " + body (BEIR, MTEB) | text: body only (the release)
+    # > 0: hold out this share of the training queries (a fixed draw, the same for every seed and
+    # method) and evaluate on them instead of eval_split: knobs are chosen there, never on test
+    valid_fraction: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +98,9 @@ class OptimConfig:
     temperature: float = 0.05
     batch_size: int = 32  # GLOBAL number of queries per step
     max_steps: int = 300
+    # the budget in passes over the training queries: when set, max_steps = ceil(max_epochs * n / batch_size)
+    # (n: the training queries before any pruning), so one number means the same on every collection
+    max_epochs: float | None = None
     schedule: str = "linear"  # linear (warmup then linear decay to 0) | constant (after warmup)
     grad_cache_chunk: int | None = None  # queries per encoder call with cached gradients (GradCache); null = off
 
@@ -166,6 +175,7 @@ CHOICES = {
     "model.attention": ("auto", "xla", "cpu", "cudnn", "pallas"),
     "model.param_dtype": ("float32", "bfloat16"),
     "data.empty": ("error", "skip"),
+    "data.passage_text": ("title_text", "text"),
     "mining.mode": ("hard", "random"),
     "optim.schedule": ("linear", "constant"),
     "method.name": ("basic", "sp", "dp", "infobatch"),
@@ -185,6 +195,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.passage_max_len": (lambda v: v >= 2, ">= 2"),
     "data.group_size": (lambda v: v >= 1, ">= 1"),
     "data.eval_batch_size": (lambda v: v >= 1, ">= 1"),
+    "data.valid_fraction": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "mining.rank_start": (lambda v: v >= 0, ">= 0"),
     "mining.num_negatives": (lambda v: v >= 1, ">= 1"),
     "optim.learning_rate": (lambda v: v >= 0, ">= 0"),
@@ -194,6 +205,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "optim.temperature": (lambda v: v > 0, "> 0"),
     "optim.batch_size": (lambda v: v >= 1, ">= 1"),
     "optim.max_steps": (lambda v: v >= 1, ">= 1"),
+    "optim.max_epochs": (lambda v: v > 0, "> 0 (or null)"),
     "optim.grad_cache_chunk": (lambda v: v >= 1, ">= 1 (or null)"),
     "train.eval_every": (lambda v: v >= 0, ">= 0"),
     "train.checkpoint_every": (lambda v: v >= 0, ">= 0"),
@@ -366,6 +378,34 @@ def _read_yaml(path: Path) -> Any:
         raise InputError(f"{path}{where}: invalid YAML: {getattr(e, 'problem', None) or e}") from None
 
 
+def _merge(base: dict, over: dict) -> dict:
+    """``over``'s keys replace ``base``'s, recursively into sections that are mappings in both."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_with_base(path: Path, chain: tuple[Path, ...] = ()) -> Any:
+    """The YAML of ``path`` over that of its ``base:`` file, if it names one."""
+    data = _read_yaml(path)
+    if not (isinstance(data, dict) and "base" in data):
+        return data
+    data = dict(data)
+    base = data.pop("base")
+    if not isinstance(base, str) or not base:
+        raise InputError(f"{path}: base must be the path of another config file, got {base!r}")
+    base_path = (path.parent / base).resolve()
+    if base_path in chain or base_path == path.resolve():
+        raise InputError(f"{path}: base {base!r} leads back to itself")
+    parent = _read_with_base(base_path, chain + (path.resolve(),))
+    if parent is None:
+        parent = {}
+    if not isinstance(parent, dict):
+        raise InputError(f"{base_path}: the config must be a mapping of keys, got {type(parent).__name__}")
+    return _merge(parent, data)
+
+
 def _parse_override(item: str) -> tuple[str, Any]:
     """``'a.b=value'`` -> ``('a.b', parsed value)``, checking that ``a.b`` is a field."""
     key, sep, raw = item.partition("=")
@@ -411,7 +451,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     Raises ``InputError`` naming the file (or override) and the field at fault.
     """
     source = str(path) if path is not None else "<defaults>"
-    data = _read_yaml(Path(path)) if path is not None else {}
+    data = _read_with_base(Path(path)) if path is not None else {}
     release_file = False
     if data is None:
         data = {}
@@ -445,6 +485,20 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     config = _build(Config, data, "", label_of)
     _validate(config, label_of)
     return config
+
+
+def steps_for_passes(passes: float, num_queries: int, batch_size: int) -> int:
+    """The steps of ``passes`` passes over ``num_queries`` queries at ``batch_size`` a step (at least 1)."""
+    return max(1, math.ceil(passes * num_queries / batch_size - 1e-9))
+
+
+def with_budget(config: Config, num_queries: int) -> Config:
+    """``config`` with ``optim.max_steps`` from ``optim.max_epochs`` when that is set (else unchanged)."""
+    o = config.optim
+    if o.max_epochs is None:
+        return config
+    steps = steps_for_passes(o.max_epochs, num_queries, o.batch_size)
+    return dataclasses.replace(config, optim=dataclasses.replace(o, max_steps=steps))
 
 
 def config_to_dict(config: Config) -> dict:

@@ -27,7 +27,7 @@ def _problem(seed=0, n=40):
 
 
 def _refresh(scores, pair_query, matrix, step, key, n0):
-    state = dp.DPState(jnp.asarray(scores), jnp.full(len(scores), dp.UNSEEN_LOSS))
+    state = dp.DPState(jnp.asarray(scores), jnp.full(len(scores), dp.UNSEEN))
     return dp.refresh(state, step, key, jnp.asarray(pair_query), jnp.asarray(matrix), n0=n0,
                       num_queries=matrix.shape[0], criterion="sim", total=TOTAL, hp=HP)
 
@@ -96,7 +96,7 @@ def test_same_plan_on_one_and_eight_devices(mesh1, mesh8):
     plans = []
     for mesh in (mesh1, mesh8):
         put = lambda x: jax.device_put(jnp.asarray(x), NamedSharding(mesh, P()))
-        state = dp.DPState(put(scores), put(np.full(len(scores), dp.UNSEEN_LOSS, np.float32)))
+        state = dp.DPState(put(scores), put(np.full(len(scores), dp.UNSEEN, np.float32)))
         q, p, _ = dp.refresh(state, 123, key, put(pair_query), put(matrix), n0=n0, num_queries=matrix.shape[0],
                              criterion="sim", total=TOTAL, hp=HP)
         plans.append((np.asarray(q), np.asarray(p)))
@@ -105,7 +105,65 @@ def test_same_plan_on_one_and_eight_devices(mesh1, mesh8):
 
 
 def test_update_scatters_the_steps_similarities():
-    state = dp.DPState(jnp.zeros(6), jnp.full(6, dp.UNSEEN_LOSS))
+    state = dp.DPState(jnp.zeros(6), jnp.full(6, dp.UNSEEN))
     new = dp.update(state, {"pair": jnp.array([4, 1])}, jnp.array([0.3, 0.7]), jnp.array([0.9, -0.2]))
     np.testing.assert_allclose(new.scores, [0, -0.2, 0, 0, 0.9, 0])
-    np.testing.assert_allclose(new.losses, [dp.UNSEEN_LOSS, 0.7, dp.UNSEEN_LOSS, dp.UNSEEN_LOSS, 0.3, dp.UNSEEN_LOSS])
+    np.testing.assert_allclose(new.losses, [np.nan, 0.7, np.nan, np.nan, 0.3, np.nan])  # NaN == NaN here
+
+
+def _losses(scores, pair_query, rng, unseen_queries, unseen_pairs):
+    """Per-pair losses with whole queries and single pairs not trained on yet (NaN)."""
+    losses = rng.gamma(2.0, 0.5, len(scores)).astype(np.float32)
+    losses[np.isin(pair_query, unseen_queries)] = np.nan
+    losses[unseen_pairs] = np.nan
+    return losses
+
+
+@pytest.mark.parametrize("keep_higher", [True, False])
+@pytest.mark.parametrize("t", [0, 700])
+def test_loss_criterion_leaves_unseen_pairs_out_of_means_and_quantiles(keep_higher, t):
+    scores, pair_query, matrix = _problem(7)
+    n = matrix.shape[0]
+    rng = np.random.default_rng(t)
+    losses = _losses(scores, pair_query, rng, unseen_queries=[0, 5, 17], unseen_pairs=rng.choice(len(scores), 6))
+    hp = HP[:8] + (keep_higher, True)
+    want = oracle.refresh_probabilities(scores.astype(np.float64), pair_query, n, t, TOTAL,
+                                        query_values=losses.astype(np.float64), keep_higher_query=keep_higher)
+    state = dp.DPState(jnp.asarray(scores), jnp.asarray(losses))
+    got = dp.selection(state, t, jnp.asarray(pair_query), n0=want["n0"], num_queries=n, criterion="loss",
+                       total=TOTAL, hp=hp)
+    assert float(got["theta_q"]) == pytest.approx(want["theta_q"], abs=1e-5)
+    np.testing.assert_array_equal(np.asarray(got["kept"]), want["kept"])
+    assert np.asarray(got["kept"])[[0, 5, 17]].all()
+
+
+@pytest.mark.parametrize("keep_higher", [True, False])
+def test_loss_criterion_after_scifacts_first_epoch(keep_higher):
+    """SciFact: 809 queries, n0 = 505, 15 steps of 32 before the first refresh: 480 queries trained on,
+    329 not. With a finite placeholder (1e6) those 329 sat on one side of every quantile: always kept
+    when keeping higher losses, always soft-pruned when keeping lower ones, and the threshold was set
+    among them rather than among the losses measured."""
+    rng = np.random.default_rng(0)
+    n = 809
+    counts = np.where(rng.random(n) < 0.1, 2, 1)
+    pair_query = np.repeat(np.arange(n), counts).astype(np.int32)
+    scores = rng.normal(0.5, 0.2, len(pair_query)).astype(np.float32)
+    trained = rng.permutation(n)[:480]
+    losses = np.full(len(scores), np.nan, np.float32)
+    first = np.concatenate([[0], np.cumsum(counts)])[:-1]
+    losses[first[trained]] = rng.gamma(2.0, 0.5, 480)  # one positive of each trained query
+    n0 = dp.epoch_length(n, 0.25, 2.0)
+    assert n0 == 505
+    hp = HP[:8] + (keep_higher, True)
+    state = dp.DPState(jnp.asarray(scores), jnp.asarray(losses))
+    got = dp.selection(state, 15, jnp.asarray(pair_query), n0=n0, num_queries=n, criterion="loss", total=300, hp=hp)
+    seen_means = losses[first[trained]]
+    r = float(got["r"])
+    assert float(got["theta_q"]) == pytest.approx(np.quantile(seen_means, 1 - r if keep_higher else r), rel=1e-5)
+    kept = np.asarray(got["kept"])
+    unseen = np.setdiff1d(np.arange(n), trained)
+    assert kept[unseen].all()
+    kept_seen = kept[trained].mean()
+    assert kept_seen == pytest.approx(r, abs=2 / 480)  # the kept share is taken among the queries measured
+    if not keep_higher:
+        assert (losses[first[trained]][kept[trained]] <= float(got["theta_q"])).all()

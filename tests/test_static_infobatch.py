@@ -5,6 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import opera_oracle as oracle
+
 from opera_jax.data.training import TrainingSet
 from opera_jax.methods import infobatch
 from opera_jax.methods.static import Static, kept_pairs
@@ -75,9 +77,9 @@ def test_infobatch_anneals_and_records_losses():
     losses = jnp.asarray(np.linspace(0, 2, 50), jnp.float32)
     order, count, weights = infobatch.select(losses, jax.random.key(1), 0.25, anneal=True)
     assert int(count) == 50 and (np.asarray(weights) == 1).all()
-    new = infobatch.update(jnp.full(4, infobatch.UNSEEN_LOSS), {"query": jnp.array([2, 0])},
+    new = infobatch.update(jnp.full(4, infobatch.UNSEEN), {"query": jnp.array([2, 0])},
                            jnp.array([0.5, 1.5]), jnp.zeros(2))
-    np.testing.assert_allclose(new, [1.5, infobatch.UNSEEN_LOSS, 0.5, infobatch.UNSEEN_LOSS])
+    np.testing.assert_allclose(new, [1.5, np.nan, 0.5, np.nan])  # NaN == NaN here
 
 
 @pytest.mark.parametrize("step, annealed", [(0, False), (874, False), (875, True)])
@@ -95,3 +97,53 @@ def test_pruned_set_maps_back_to_its_parent_queries():
     rows = sp.ts.rows_in(ts)
     assert rows.tolist() == [0, 2]
     assert [ts.query_texts[r] for r in rows] == list(sp.ts.query_texts)
+
+
+def test_infobatch_with_unseen_queries_matches_the_oracle():
+    """Queries not trained on yet (NaN) are never pruned, weigh 1, and stay out of the mean."""
+    rng = np.random.default_rng(4)
+    n, ratio, draws = 120, 0.3, 400
+    losses = rng.gamma(2.0, 0.5, n).astype(np.float32)
+    losses[rng.choice(n, 15, replace=False)] = np.nan
+    well, stay, weight = oracle.infobatch_selection(losses, ratio)
+    run = jax.jit(jax.vmap(lambda k: infobatch.select(jnp.asarray(losses), k, ratio, anneal=False)))
+    orders, counts, weights = map(np.asarray, run(jax.random.split(jax.random.key(2), draws)))
+    kept_freq = np.zeros(n)
+    for order, count, w in zip(orders, counts, weights):
+        kept_freq[order[:count]] += 1
+        np.testing.assert_allclose(w[order[:count]], weight[order[:count]], rtol=1e-6)
+    kept_freq /= draws
+    assert (kept_freq[~well] == 1).all()
+    p = 1 - ratio
+    assert abs(kept_freq[well].mean() - p) < 4 * np.sqrt(p * (1 - p) / (draws * well.sum()))
+    nothing_seen = infobatch.select(jnp.full(n, infobatch.UNSEEN), jax.random.key(0), ratio, anneal=False)
+    assert int(nothing_seen[1]) == n and (np.asarray(nothing_seen[2]) == 1).all()
+
+
+def test_infobatch_after_scifacts_first_epoch():
+    """SciFact: 809 queries in batches of 32 train 800 in epoch 1 and leave 9 unseen. With a 1e6
+    placeholder the mean loss was ~11,000, every seen query counted as well learned, and epoch 2
+    pruned a quarter of all of them at random, the hardest included."""
+    n, batch, ratio = 809, 32, 0.25
+    ib = infobatch.InfoBatch(_ts([1] * n), ratio, 0.875, seed=0, max_steps=300, min_kept=batch)
+    state = ib.init_state()
+    first = ib.plan(state, 0, 0)
+    assert len(first) == n and (first.weight == 1).all()  # nothing is pruned before anything is seen
+    trained = first.query[: (n // batch) * batch]
+    loss = np.random.default_rng(0).gamma(2.0, 0.5, len(trained)).astype(np.float32)
+    state = infobatch.update(state, {"query": jnp.asarray(trained)}, jnp.asarray(loss), None)
+    unseen = np.setdiff1d(np.arange(n), trained)
+    assert len(unseen) == 9
+    losses = np.asarray(state)
+    hard = np.flatnonzero(losses >= loss.mean())  # at or above the mean of the losses measured
+    well = np.flatnonzero(losses < loss.mean())
+    pruned_counts = []
+    for segment in range(1, 6):
+        plan = ib.plan(state, segment, 25)
+        weight = dict(zip(plan.query.tolist(), plan.weight.tolist()))
+        assert all(weight.get(q) == 1.0 for q in unseen)  # in the epoch, unweighted
+        assert all(weight.get(q) == 1.0 for q in hard)  # the hard ones are never pruned
+        assert all(weight.get(q, 1 / (1 - ratio)) == pytest.approx(1 / (1 - ratio)) for q in well)
+        pruned_counts.append(n - len(plan))
+    p = ratio
+    assert abs(np.mean(pruned_counts) - p * len(well)) < 4 * np.sqrt(p * (1 - p) * len(well) / 5)

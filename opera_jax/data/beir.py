@@ -95,13 +95,18 @@ class Corpus(_Rows):
             raise ValueError("Corpus: ids, titles and texts differ in length")
         object.__setattr__(self, "_index", _build_index(self.ids, "Corpus"))
 
-    def passage(self, i: int) -> str:
-        """The text to encode for row ``i``: title and text joined by a space (BEIR / MTEB)."""
+    def passage(self, i: int, fields: str = "title_text") -> str:
+        """The text to encode for row ``i``: ``title_text`` = title and text joined by a space (BEIR /
+        MTEB, the default); ``text`` = the body only (what the OPERA release encodes)."""
+        if fields == "text":
+            return self.texts[i].strip()
+        if fields != "title_text":
+            raise ValueError(f"passage fields {fields!r}: title_text | text")
         return f"{self.titles[i]} {self.texts[i]}".strip()
 
-    def passages(self) -> list[str]:
+    def passages(self, fields: str = "title_text") -> list[str]:
         """:meth:`passage` of every row, in order."""
-        return [self.passage(i) for i in range(len(self.ids))]
+        return [self.passage(i, fields) for i in range(len(self.ids))]
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ class Evaluator:
         batch_size: int = 128,
         k: int = 100,
         mesh: Mesh | None = None,
+        passage_text: str = "title_text",
     ):
         self.split = split
         self.spec = spec
@@ -51,7 +52,7 @@ class Evaluator:
         self.k = k
         self.mesh = mesh or make_mesh()
         self.query_tokens = tokenize(tokenizer, split.queries.texts, self.max_query_len, spec.query_prefix)
-        self.doc_tokens = tokenize(tokenizer, split.corpus.passages(), self.max_passage_len, spec.passage_prefix)
+        self.doc_tokens = tokenize(tokenizer, split.corpus.passages(passage_text), self.max_passage_len, spec.passage_prefix)
 
     def __call__(self, model: nnx.Module, *, progress: bool = False) -> EvalResult:
         start = time.perf_counter()

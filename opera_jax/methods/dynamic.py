@@ -12,6 +12,12 @@ train step with that step's positive similarities. At each refresh:
    ``strength`` (5), the others 1; a visited query's positive is drawn with
    those weights, normalised within the query.
 
+Under the "loss" criterion (the release's option: a pair's last loss in place
+of its similarity) a pair not trained on yet has no loss (``UNSEEN``, NaN): a
+query's score is the mean over its trained pairs, a query with none is kept
+(never soft-pruned, whichever the direction) and left out of the quantile, so
+that a placeholder can neither move the threshold nor decide a query's fate.
+
 Here: ``S`` lives in the ``TrainState`` (``DPState``), the scatter update runs
 inside the jitted train step (``update``), and ``refresh`` is one jitted
 kernel from (scores, step, key) to an int32 plan, with a ``vmap`` over queries
@@ -61,9 +67,18 @@ def segment_mean(values: jax.Array, segments: jax.Array, num_segments: int) -> j
     return total / jnp.maximum(count, 1.0)
 
 
+def seen_segment_mean(values: jax.Array, segments: jax.Array, num_segments: int) -> jax.Array:
+    """Per segment, the mean of its non-NaN values; NaN for a segment without any."""
+    seen = ~jnp.isnan(values)
+    total = jax.ops.segment_sum(jnp.where(seen, values, 0.0), segments, num_segments)
+    count = jax.ops.segment_sum(seen.astype(values.dtype), segments, num_segments)
+    return jnp.where(count > 0, total / jnp.maximum(count, 1.0), jnp.nan)
+
+
 def threshold(values: jax.Array, share, keep_higher: bool) -> jax.Array:
-    """The quantile that leaves ``share`` of ``values`` on the kept side (linear, as ``numpy.quantile``)."""
-    return jnp.quantile(values, 1.0 - share if keep_higher else share)
+    """The quantile that leaves ``share`` of ``values`` on the kept side (linear, as ``numpy.quantile``);
+    NaN values (not trained on yet) are left out, as ``numpy.nanquantile`` does."""
+    return jnp.nanquantile(values, 1.0 - share if keep_higher else share)
 
 
 def above(values: jax.Array, theta, keep_higher: bool, *, inclusive: bool) -> jax.Array:
@@ -87,23 +102,24 @@ def draw_positive(key, pairs: jax.Array, weights: jax.Array) -> jax.Array:
     return pairs[jax.random.categorical(key, logits)]
 
 
-# A pair not trained on yet counts as hard under the "loss" criterion (finite, so
-# that quantiles stay defined).
-UNSEEN_LOSS = 1e6
+# The loss of a pair not trained on yet: left out of query means and quantiles, its query kept.
+UNSEEN = float("nan")
 
 
 @flax.struct.dataclass
 class DPState:
     scores: jax.Array  # f32 [N] pair similarities, updated every step
-    losses: jax.Array  # f32 [N] pair losses (the "loss" criterion), UNSEEN_LOSS until trained on
+    losses: jax.Array  # f32 [N] pair losses (the "loss" criterion), UNSEEN (NaN) until trained on
 
 
 def selection(state: DPState, step, pair_query, *, n0: int, num_queries: int, criterion: str, total: int,
               hp: tuple) -> dict:
     """Both levels' thresholds at ``step``: r(t), theta_q, the kept queries, c(t), theta_d, pair weights."""
     (q_start, x_start, x_end, c_start, c_end, strength_d, kind, delta, higher_q, higher_d) = hp
-    per_pair = state.scores if criterion == "sim" else state.losses
-    query_score = segment_mean(per_pair, pair_query, num_queries)
+    if criterion == "sim":
+        query_score = segment_mean(state.scores, pair_query, num_queries)
+    else:  # NaN for a query none of whose pairs has been trained on: kept, and out of the quantile
+        query_score = seen_segment_mean(state.losses, pair_query, num_queries)
     r = query_cutoff(schedule(step, total, x_start, x_end, kind, delta), n0, num_queries)
     theta_q = threshold(query_score, r, higher_q)
     c = schedule(step, total, c_start, c_end, kind, delta)
@@ -112,7 +128,7 @@ def selection(state: DPState, step, pair_query, *, n0: int, num_queries: int, cr
     return {
         "r": r,
         "theta_q": theta_q,
-        "kept": above(query_score, theta_q, higher_q, inclusive=True),  # m(q) >= theta_q
+        "kept": above(query_score, theta_q, higher_q, inclusive=True) | jnp.isnan(query_score),  # m(q) >= theta_q
         "c": c,
         "theta_d": theta_d,
         "pair_weight": jnp.where(high, strength_d, 1.0),
@@ -163,7 +179,7 @@ class Dynamic:
 
     def init_state(self) -> DPState:
         n = self.ts.num_pairs
-        return DPState(scores=jnp.asarray(self.initial_scores), losses=jnp.full((n,), UNSEEN_LOSS, jnp.float32))
+        return DPState(scores=jnp.asarray(self.initial_scores), losses=jnp.full((n,), UNSEEN, jnp.float32))
 
     def plan(self, state: DPState, segment: int, step: int) -> Plan:
         """``draws`` plan rows: whole refreshed epochs of ``n0``, each from the scores as they are now."""

@@ -39,8 +39,9 @@ import jax.numpy as jnp
 from flax import nnx
 from tqdm.auto import tqdm
 
-from opera_jax.config import Config
+from opera_jax.config import Config, with_budget
 from opera_jax.data.beir import BeirSplit, load_split, resolve_data_dir
+from opera_jax.data.validation import carve
 from opera_jax.data.mining import load_or_mine
 from opera_jax.data.pairs_jsonl import is_pairs_file, load_pairs_jsonl
 from opera_jax.data.pipeline import BatchSpec, iterate, make_dataset
@@ -112,14 +113,17 @@ def prepare(config: Config, mesh, *, progress: bool = False, training: bool = Fa
         data = TrainData(*hold_out(pairs.train, 0.1, config.seed), negatives=pairs.negatives)
     data_dir = None if data is not None else resolve_data_dir(d.path)
     train_split = data.train if data is not None else load_split(data_dir, d.train_split, empty=d.empty)
+    if d.valid_fraction and data is None:
+        train_split = carve(train_split, d.valid_fraction)[0]
     ts = build_training_set(train_split, d.pos_threshold)
     eval_split = None
     if training:
         if data is None:
-            eval_split = load_split(data_dir, d.eval_split, empty=d.empty)
+            eval_split = evaluation_split(config, data_dir)
         check_batch_fits(config, ts.num_queries, ts.num_pairs, d.train_split)
     query_tokens = tokenize(encoder.tokenizer, ts.query_texts, d.query_max_len, spec.query_prefix)
-    doc_tokens = tokenize(encoder.tokenizer, train_split.corpus.passages(), d.passage_max_len, spec.passage_prefix)
+    doc_tokens = tokenize(encoder.tokenizer, train_split.corpus.passages(d.passage_text), d.passage_max_len,
+                          spec.passage_prefix)
     return Setup(encoder, data_dir, train_split, ts, query_tokens, doc_tokens, eval_split, data)
 
 
@@ -129,13 +133,23 @@ def mine(config: Config, setup: Setup, mesh, *, progress: bool = False, path: Pa
     own = config.mining.model in (None, config.model.name)
     miner = setup.encoder if own else load_encoder(config.mining.model)
     return load_or_mine(
-        path or _mining_cache(config), miner, setup.ts, setup.train_split.corpus.passages(),
+        path or _mining_cache(config), miner, setup.ts, setup.train_split.corpus.passages(d.passage_text),
         model_name=config.mining.model or config.model.name, mode=config.mining.mode,
         rank_start=config.mining.rank_start, rank_end=config.mining.rank_end,
         num_negatives=config.mining.num_negatives, seed=config.seed,
         query_max_len=d.query_max_len, passage_max_len=d.passage_max_len, batch_size=d.eval_batch_size,
         mesh=mesh, query_tokens=setup.query_tokens if own else None,
         doc_tokens=setup.doc_tokens if own else None, progress=progress)
+
+
+def evaluation_split(config: Config, data_dir: Path | None = None) -> BeirSplit:
+    """What a run evaluates on: ``data.eval_split``, or the validation queries carved from the training
+    split when ``data.valid_fraction`` is set (then test is never looked at)."""
+    d = config.data
+    data_dir = data_dir or resolve_data_dir(d.path)
+    if d.valid_fraction:
+        return carve(load_split(data_dir, d.train_split, empty=d.empty), d.valid_fraction)[1]
+    return load_split(data_dir, d.eval_split, empty=d.empty)
 
 
 def make_method(config: Config, ts: TrainingSet, encoder: Encoder, query_tokens, doc_tokens, mesh) -> Method:
@@ -162,7 +176,9 @@ def _mining_cache(config: Config) -> Path:
     """
     m, d = config.mining, config.data
     key = json.dumps([m.model or config.model.name, m.mode, m.rank_start, m.rank_end, m.num_negatives,
-                      config.seed, d.path, d.train_split, d.query_max_len, d.passage_max_len])
+                      config.seed, d.path, d.train_split, d.query_max_len, d.passage_max_len]
+                     + ([d.passage_text] if d.passage_text != "title_text" else [])
+                     + ([d.valid_fraction] if d.valid_fraction else []))
     return cache_dir().parent / "negatives" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.npz"
 
 
@@ -215,6 +231,8 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
         raise InputError(f"optim.grad_cache_chunk {o.grad_cache_chunk} must be a multiple of the {mesh.size} devices")
 
     setup = prepare(config, mesh, progress=progress, training=True, data=data)
+    config = with_budget(config, setup.ts.num_queries)  # optim.max_epochs -> max_steps, on this collection
+    o = config.optim
     encoder, spec, ts = setup.encoder, setup.encoder.spec, setup.ts
     query_tokens, doc_tokens = setup.query_tokens, setup.doc_tokens
     given = setup.given
@@ -227,7 +245,7 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
     eval_split = setup.eval_split if given is None else given.eval
     evaluator = None if eval_split is None else Evaluator(
         eval_split, encoder.tokenizer, spec, max_query_len=d.query_max_len,
-        max_passage_len=d.passage_max_len, batch_size=d.eval_batch_size, mesh=mesh)
+        max_passage_len=d.passage_max_len, batch_size=d.eval_batch_size, mesh=mesh, passage_text=d.passage_text)
     batch_spec = BatchSpec(o.batch_size, d.group_size, d.query_max_len, d.passage_max_len, spec.padding_side)
     setup_start = time.perf_counter()
     method = make_method(config, ts, encoder, query_tokens, doc_tokens, mesh)
