@@ -35,3 +35,25 @@ def test_device_suite_runs_end_to_end_at_tiny_shapes(tmp_path):
     assert results["gpu_tests"]["exit"] in (0, 5)  # the gpu tests skip here
     table = (tmp_path / "device_suite.md").read_text()
     assert "| bge-large | ours (float32, cpu) |" in table and "GPU tests:" in table
+
+
+def test_device_assets_minilm_in_fp16_loads_and_embeds_as_the_original(tmp_path, minilm_dir):
+    import jax.numpy as jnp
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from device_assets import write_minilm
+
+    from opera_jax.data.tokens import tokenize
+    from opera_jax.models.encoder import load_encoder
+
+    small = write_minilm(tmp_path / "minilm")
+    assert (small / "model.safetensors").stat().st_size < 0.55 * (minilm_dir / "model.safetensors").stat().st_size
+    embeddings = []
+    for path in (minilm_dir, small):
+        enc = load_encoder(str(path))
+        tokens = tokenize(enc.tokenizer, ["fp16 weights travel light", "dense retrieval on a GPU"], 32,
+                          use_cache=False)
+        ids, mask = tokens.batch(np.arange(2), 32)
+        embeddings.append(np.asarray(enc.model(jnp.asarray(ids), jnp.asarray(mask))))
+    np.testing.assert_allclose(embeddings[1], embeddings[0], atol=2e-3)
