@@ -317,18 +317,19 @@ def _build(cls, data: Any, prefix: str, label_of: Callable[[str], str]):
     return cls(**kwargs)
 
 
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested sections -> ``{"section.key": value}``."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[prefix + k] = v
     return out
 
 
 def _validate(config: Config, label_of: Callable[[str], str]) -> None:
-    flat = _flatten(config_to_dict(config))
+    flat = flatten(config_to_dict(config))
     for path, choices in CHOICES.items():
         if flat[path] is not None and flat[path] not in choices:
             raise InputError(f"{label_of(path)}: {path} is {flat[path]!r}, not one of {', '.join(choices)}")

@@ -24,11 +24,10 @@ import dataclasses
 import json
 import os
 import time
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from opera_jax.config import Config, config_to_dict, load_config
+from opera_jax.config import Config, config_to_dict, flatten, load_config
 from opera_jax.data.tables import TrainData, hold_out, split_from_tables
 from opera_jax.errors import InputError
 
@@ -87,19 +86,9 @@ def _value(v: Any) -> str:
 
 def _config(config: Config | str | os.PathLike | None, settings: list[str]) -> Config:
     if isinstance(config, Config):
-        flat = _flatten(config_to_dict(config))
+        flat = flatten(config_to_dict(config))
         return load_config(None, [f"{k}={_value(v)}" for k, v in flat.items()] + settings)
     return load_config(config, settings)
-
-
-def _flatten(d: Mapping, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
 
 
 def _eval_split(eval_data: Any, cfg: Config):

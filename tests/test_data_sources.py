@@ -91,7 +91,7 @@ def test_pairs_jsonl_becomes_tables_and_negatives(tmp_path, gz):
     ('{"query": "q", "pos": "text"}', "line 2: field 'pos' must be a list of strings"),
     ('{"pos": ["p"]}', "line 2: field 'query' must be a non-empty string"),
     ('{"query": "q", "pos": ["p"], "neg": [1]}', "line 2: field 'neg' must be a list of strings"),
-    ("{not json", "line 2: not valid JSON"),
+    ("{not json", "line 2: invalid JSON"),
 ])
 def test_bad_pairs_lines_name_the_line(tmp_path, line, message):
     path = tmp_path / "bad.jsonl"

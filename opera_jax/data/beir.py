@@ -396,9 +396,9 @@ def _json_type(value: Any) -> str:
     return _JSON_TYPES.get(type(value), type(value).__name__)
 
 
-def _records(file: Path) -> Iterator[tuple[int, str, dict[str, Any]]]:
-    """(line number, ``_id``, object) for each JSONL record; ids validated and unique."""
-    first_line: dict[str, int] = {}
+def json_objects(file: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-blank line of a JSONL file (gzipped or not), each a JSON
+    object: anything else is an InputError naming the line."""
     for n, line in _lines(file):
         try:
             obj = json.loads(line)
@@ -406,6 +406,13 @@ def _records(file: Path) -> Iterator[tuple[int, str, dict[str, Any]]]:
             raise InputError(f"{file}, line {n}: invalid JSON: {e.msg} (column {e.colno})") from None
         if not isinstance(obj, dict):
             raise InputError(f"{file}, line {n}: expected a JSON object, got {_json_type(obj)}")
+        yield n, obj
+
+
+def _records(file: Path) -> Iterator[tuple[int, str, dict[str, Any]]]:
+    """(line number, ``_id``, object) for each JSONL record; ids validated and unique."""
+    first_line: dict[str, int] = {}
+    for n, obj in json_objects(file):
         if "_id" not in obj:
             raise InputError(f"{file}, line {n}: field '_id' is missing")
         record_id = obj["_id"]

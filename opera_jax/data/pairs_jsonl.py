@@ -16,13 +16,10 @@ negatives, which the trainer uses instead of mining.
 
 from __future__ import annotations
 
-import gzip
-import json
 import os
-import zlib
 from pathlib import Path
 
-from opera_jax.data.beir import BeirSplit, Corpus, Queries
+from opera_jax.data.beir import BeirSplit, Corpus, Queries, json_objects
 from opera_jax.data.tables import TrainData
 from opera_jax.errors import InputError
 
@@ -33,23 +30,6 @@ def is_pairs_file(path: str | os.PathLike) -> bool:
     """Whether ``path`` names an existing ``.jsonl`` / ``.jsonl.gz`` file."""
     p = Path(path).expanduser()
     return p.name.endswith(SUFFIXES) and p.is_file()
-
-
-def _lines(path: Path):
-    try:
-        raw = path.read_bytes()
-        if path.name.endswith(".gz"):
-            raw = gzip.decompress(raw)
-        text = raw.decode("utf-8-sig")
-    except FileNotFoundError:
-        raise InputError(f"{path}: file not found") from None
-    except (OSError, EOFError, zlib.error) as e:
-        raise InputError(f"{path}: cannot read ({e})") from None
-    except UnicodeDecodeError as e:
-        raise InputError(f"{path}: not UTF-8 ({e})") from None
-    for n, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            yield n, line
 
 
 def _strings(path: Path, n: int, obj: dict, field: str, *, required: bool) -> list[str]:
@@ -74,13 +54,9 @@ def load_pairs_jsonl(path: str | os.PathLike) -> TrainData:
     def doc(text: str) -> str:
         return doc_ids.setdefault(text, f"d{len(doc_ids)}")
 
-    for n, line in _lines(path):
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path}, line {n}: not valid JSON ({e.msg})") from None
-        if not isinstance(obj, dict):
-            raise InputError(f"{path}, line {n}: expected a JSON object with query, pos, neg")
+    if not path.is_file():
+        raise InputError(f"{path}: file not found")
+    for n, obj in json_objects(path):
         query = obj.get("query")
         if not isinstance(query, str) or not query.strip():
             raise InputError(f"{path}, line {n}: field 'query' must be a non-empty string")
