@@ -30,14 +30,8 @@ EOF_USAGE
 
 fail() { echo "gpu_single_node.sh: $*" >&2; exit 2; }
 
-# A command as one shell line: words that need quoting are single-quoted.
-show() {
-  local word line=""
-  for word in "$@"; do
-    if [[ "$word" =~ ^[A-Za-z0-9_.,:/=@%+-]+$ ]]; then line+=" $word"; else line+=" ${word@Q}"; fi
-  done
-  echo "${line# }"
-}
+# shellcheck source=launch/common.sh
+. "$(dirname "$0")/common.sh"  # show
 
 gpus="" mem="0.90" dry_run=0
 while getopts ":g:m:h-:" opt; do

@@ -41,14 +41,8 @@ EOF_USAGE
 
 fail() { echo "tpu_vm.sh: $*" >&2; exit 2; }
 
-# A command as one shell line: words that need quoting are single-quoted.
-show() {
-  local word line=""
-  for word in "$@"; do
-    if [[ "$word" =~ ^[A-Za-z0-9_.,:/=@%+-]+$ ]]; then line+=" $word"; else line+=" ${word@Q}"; fi
-  done
-  echo "${line# }"
-}
+# shellcheck source=launch/common.sh
+. "$(dirname "$0")/common.sh"  # show
 
 name="" zone="" type="v5litepod-8" version="v2-alpha-tpuv5-lite" project="" data="../shared/data" out="runs/tpu"
 keep=0 skip_install=0 dry_run=0
