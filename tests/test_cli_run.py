@@ -21,6 +21,8 @@ from opera_jax.cli import main
 
 from conftest import GOLDEN
 
+pytestmark = pytest.mark.slow  # the fast tier (-m "not slow") leaves this file out: README "Tests"
+
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ("river flood bank water stone bridge cell blood heart lung brain nerve star orbit light wave "
          "metal alloy steel heat rain cloud storm wind seed leaf root soil").split()

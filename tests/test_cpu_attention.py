@@ -14,6 +14,8 @@ from opera_jax.cpu import attention as cpu_attention, blas as cpu_blas, kernels 
 from opera_jax.models import attention, ops
 from opera_jax.sharding import BATCH_AXES, make_mesh
 
+pytestmark = pytest.mark.slow  # the fast tier (-m "not slow") leaves this file out: README "Tests"
+
 
 @pytest.fixture(autouse=True)
 def _kernel():

@@ -16,6 +16,8 @@ from opera_jax.models.export import export_encoder
 
 from conftest import GOLDEN
 
+pytestmark = pytest.mark.slow  # the fast tier (-m "not slow") leaves this file out: README "Tests"
+
 TEXTS = ["tiny bert", "a longer input with more characters in it", "x", "what is 2+2?"]
 
 SPECS = {

@@ -12,6 +12,8 @@ from opera_jax.train.gradcache import cached_loss_and_grad, from_chunks, to_chun
 from opera_jax.train.loss import contrastive_loss
 from test_train_step import _batch as train_step_batch
 
+pytestmark = pytest.mark.slow  # the fast tier (-m "not slow") leaves this file out: README "Tests"
+
 TAU = 0.05
 
 

@@ -18,6 +18,8 @@ from opera_jax.train.step import init_state, make_train_step
 from conftest import GOLDEN
 from test_train_step import _batch
 
+pytestmark = pytest.mark.slow  # the fast tier (-m "not slow") leaves this file out: README "Tests"
+
 MODELS = {"bert": GOLDEN / "tiny_bert", "qwen3": GOLDEN / "tiny_qwen3"}
 
 

@@ -11,6 +11,8 @@ from opera_jax.cpu import xla_flags as xla_cpu
 from opera_jax.cpu import blas as cpu_blas
 from opera_jax.models import ops
 
+pytestmark = pytest.mark.slow  # the fast tier (-m "not slow") leaves this file out: README "Tests"
+
 
 def _plain_layer_norm(x, scale, bias, eps):
     mean = x.mean(-1, keepdims=True)

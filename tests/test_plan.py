@@ -13,6 +13,8 @@ from opera_jax.plan import model_config, plan, presets
 
 from conftest import GOLDEN
 
+pytestmark = pytest.mark.slow  # the fast tier (-m "not slow") leaves this file out: README "Tests"
+
 SMALL = ["optim.batch_size=16", "data.query_max_len=16", "data.passage_max_len=32", "data.group_size=2"]
 MODELS = {"bert": GOLDEN / "tiny_bert", "qwen3": GOLDEN / "tiny_qwen3"}
 

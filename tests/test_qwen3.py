@@ -21,6 +21,8 @@ from opera_jax.models.weights import hf_state_dict
 
 from conftest import GOLDEN
 
+pytestmark = pytest.mark.slow  # the fast tier (-m "not slow") leaves this file out: README "Tests"
+
 TOL = 1e-5
 TINY = GOLDEN / "tiny_qwen3"
 PROMPT = "Instruct: find the passage\nQuery:"
