@@ -189,7 +189,7 @@ def table(results: dict) -> str:
             f"| {method} | {f['ndcg@10']['mean']:.4f} ± {f['ndcg@10']['std']:.4f} "
             f"| {f['recall@20']['mean']:.4f} ± {f['recall@20']['std']:.4f} | {res['train_seconds']:.0f} "
             f"| {'-' if reach is None else f'{reach:.0f} s'} "
-            f"| {'-' if paired is None else '%+.4f, p=%.3f' % (paired['mean_diff'], paired['p_value'])} |")
+            f"| {'-' if paired is None else '{:+.4f}, p={:.3f}'.format(paired['mean_diff'], paired['p_value'])} |")
     return "\n".join(lines) + "\n"
 
 

@@ -130,7 +130,7 @@ def test_public_names():
     for name in opera_jax.__all__:
         assert getattr(opera_jax, name) is not None
     with pytest.raises(AttributeError):
-        opera_jax.not_a_name
+        _ = opera_jax.not_a_name
 
 
 @pytest.mark.slow

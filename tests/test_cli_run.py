@@ -16,10 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import GOLDEN
 
 from opera_jax.cli import main
-
-from conftest import GOLDEN
 
 pytestmark = pytest.mark.slow  # the fast tier (-m "not slow") leaves this file out: README "Tests"
 

@@ -7,14 +7,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import GOLDEN
 from flax import nnx
 
 from opera_jax.data.tokens import tokenize
 from opera_jax.models import export
 from opera_jax.models.encoder import load_encoder
 from opera_jax.models.export import export_encoder
-
-from conftest import GOLDEN
 
 pytestmark = pytest.mark.slow  # the fast tier (-m "not slow") leaves this file out: README "Tests"
 

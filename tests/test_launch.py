@@ -64,8 +64,9 @@ def _rows(path: Path) -> list[dict]:
 
 
 def _plans(run: Path) -> dict[int, np.ndarray]:
-    from opera_jax.train.checkpoint import Checkpointer
     import orbax.checkpoint as ocp
+
+    from opera_jax.train.checkpoint import Checkpointer
 
     ckpt = Checkpointer(run / "checkpoints")
     out = {s: np.asarray(ckpt.manager.restore(s, args=ocp.args.Composite(plan=ocp.args.StandardRestore()))

@@ -4,14 +4,13 @@ import json
 
 import jax
 import pytest
+from conftest import GOLDEN
 from flax import nnx
 
 from opera_jax.cli import main
 from opera_jax.config import load_config
 from opera_jax.models.encoder import load_encoder
 from opera_jax.plan import model_config, plan, presets
-
-from conftest import GOLDEN
 
 pytestmark = pytest.mark.slow  # the fast tier (-m "not slow") leaves this file out: README "Tests"
 
