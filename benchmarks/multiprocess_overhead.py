@@ -75,7 +75,7 @@ def probe(operands: int, calls: int = 30) -> None:
 
 def collectives_per_step(devices: int) -> list[dict]:
     """The collectives of the compiled train step of the same tiny model (op and operand count), in a child."""
-    code = f"""
+    code = rf"""
 import re, json, sys, jax, numpy as np
 from flax import nnx
 sys.path.insert(0, {str(ROOT / 'tests')!r})

@@ -14,6 +14,8 @@ from opera_jax.errors import InputError
 from opera_jax.models.encoder import load_encoder
 from opera_jax.models.model_card import parse_front_matter
 
+pytestmark = pytest.mark.slow  # the fast tier (-m "not slow") leaves this file out: README "Tests"
+
 SPEC = {"pooling": "mean", "normalize": True, "query_prefix": "q: ", "passage_prefix": "p: "}
 TEXTS = [f"text number {i} " + "word " * (i % 7) for i in range(21)]  # several batches and lengths
 
@@ -128,7 +130,7 @@ def test_public_names():
     for name in opera_jax.__all__:
         assert getattr(opera_jax, name) is not None
     with pytest.raises(AttributeError):
-        opera_jax.not_a_name
+        _ = opera_jax.not_a_name
 
 
 @pytest.mark.slow

@@ -15,6 +15,8 @@ from opera_jax.errors import InputError
 from opera_jax.models import attention
 from opera_jax.models.bert import Precision
 
+pytestmark = pytest.mark.slow  # the fast tier (-m "not slow") leaves this file out: README "Tests"
+
 
 def reference(q, k, v, mask, causal, scale, qkv_bias):
     """Softmax attention written out in f32: repeated key/value heads, a boolean mask, ``jax.nn.softmax``."""

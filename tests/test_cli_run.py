@@ -16,10 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import GOLDEN
 
 from opera_jax.cli import main
 
-from conftest import GOLDEN
+pytestmark = pytest.mark.slow  # the fast tier (-m "not slow") leaves this file out: README "Tests"
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ("river flood bank water stone bridge cell blood heart lung brain nerve star orbit light wave "

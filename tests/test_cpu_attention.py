@@ -8,11 +8,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from opera_jax.cpu import attention as cpu_attention, blas as cpu_blas, kernels as cpu_kernels
+from opera_jax.cpu import attention as cpu_attention
+from opera_jax.cpu import blas as cpu_blas
+from opera_jax.cpu import kernels as cpu_kernels
 from opera_jax.models import attention, ops
 from opera_jax.sharding import BATCH_AXES, make_mesh
+
+pytestmark = pytest.mark.slow  # the fast tier (-m "not slow") leaves this file out: README "Tests"
 
 
 @pytest.fixture(autouse=True)

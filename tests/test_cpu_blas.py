@@ -6,9 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from opera_jax.cpu import blas as cpu_blas, kernels as cpu_kernels
+from opera_jax.cpu import blas as cpu_blas
+from opera_jax.cpu import kernels as cpu_kernels
 from opera_jax.models import ops
 from opera_jax.sharding import BATCH_AXES, make_mesh
 

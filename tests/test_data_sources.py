@@ -3,10 +3,8 @@
 import gzip
 import json
 
-import numpy as np
 import pytest
 
-from opera_jax.data import hub_data
 from opera_jax.data.beir import load_split, resolve_data_dir
 from opera_jax.data.pairs_jsonl import load_pairs_jsonl
 from opera_jax.data.tables import given_negatives, hold_out, split_from_tables

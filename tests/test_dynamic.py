@@ -3,10 +3,11 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
-
 import opera_oracle as oracle
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
 from opera_jax.methods import dynamic as dp
 
 HP = (0.25, 2.0, 5.0, 0.25, 0.5, 5.0, "cosine", 1.0, True, True)

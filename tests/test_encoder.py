@@ -6,6 +6,7 @@ import shutil
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import GOLDEN
 from safetensors.numpy import load_file, save_file
 
 from opera_jax.data.tokens import tokenize
@@ -15,7 +16,7 @@ from opera_jax.models.encoder import load_encoder, pool, read_spec
 from opera_jax.models.hub import resolve_model_dir
 from opera_jax.models.weights import hf_state_dict
 
-from conftest import GOLDEN
+pytestmark = pytest.mark.slow  # the fast tier (-m "not slow") leaves this file out: README "Tests"
 
 TOL = 1e-5
 

@@ -14,6 +14,8 @@ from opera_jax.eval.evaluate import Evaluator
 from opera_jax.eval.metrics import read_trec_run
 from opera_jax.models.encoder import load_encoder
 
+pytestmark = pytest.mark.slow  # the fast tier (-m "not slow") leaves this file out: README "Tests"
+
 
 def _slice(split: BeirSplit, n_queries: int, n_docs: int, seed: int = 0) -> BeirSplit:
     """The first queries, their relevant documents and random others: a small real retrieval problem."""

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import GOLDEN
 from flax import nnx
 
 from opera_jax.data.tokens import tokenize
@@ -14,7 +15,7 @@ from opera_jax.models import export
 from opera_jax.models.encoder import load_encoder
 from opera_jax.models.export import export_encoder
 
-from conftest import GOLDEN
+pytestmark = pytest.mark.slow  # the fast tier (-m "not slow") leaves this file out: README "Tests"
 
 TEXTS = ["tiny bert", "a longer input with more characters in it", "x", "what is 2+2?"]
 

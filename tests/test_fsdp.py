@@ -4,16 +4,18 @@ training as one device, for tiny BERT and tiny Qwen3 on (data, fsdp) = (1, 8) an
 import jax
 import numpy as np
 import pytest
+from conftest import GOLDEN
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from test_train_step import _batch
 
 from opera_jax.models.encoder import load_encoder
 from opera_jax.sharding import FSDP, FSDP_RULES, batch_sharding, make_mesh, put_global, replicated, tree_shardings
 from opera_jax.train.optim import make_optimizer
 from opera_jax.train.step import init_state, make_train_step
 
-from conftest import GOLDEN
-from test_train_step import _batch
+pytestmark = pytest.mark.slow  # the fast tier (-m "not slow") leaves this file out: README "Tests"
 
 MODELS = {"bert": GOLDEN / "tiny_bert", "qwen3": GOLDEN / "tiny_qwen3"}
 MESHES = [(1, 8), (2, 4)]

@@ -5,12 +5,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from test_train_step import _batch as train_step_batch
 
 from opera_jax.models.encoder import load_encoder
 from opera_jax.sharding import batch_sharding, replicated
 from opera_jax.train.gradcache import cached_loss_and_grad, from_chunks, to_chunks
 from opera_jax.train.loss import contrastive_loss
-from test_train_step import _batch as train_step_batch
+
+pytestmark = pytest.mark.slow  # the fast tier (-m "not slow") leaves this file out: README "Tests"
 
 TAU = 0.05
 
@@ -163,13 +165,13 @@ def test_fsdp_parameters_stay_split_inside_the_chunk_loops(tmp_path):
     import json
     import re
 
+    from conftest import GOLDEN
+
     from opera_jax.models.bert import BertConfig, BertModel
     from opera_jax.models.encoder import Retriever
     from opera_jax.sharding import FSDP_RULES, make_mesh, tree_shardings
     from opera_jax.train.optim import make_optimizer
     from opera_jax.train.step import init_state, make_train_step
-
-    from conftest import GOLDEN
 
     hf = json.loads((GOLDEN / "tiny_bert" / "config.json").read_text())
     hf.update(hidden_size=256, intermediate_size=1024, num_attention_heads=8, vocab_size=1000)

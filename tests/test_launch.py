@@ -23,6 +23,8 @@ from safetensors.numpy import load_file
 
 from opera_jax.distributed import COORDINATOR_ENV, NUM_PROCESSES_ENV, PROCESS_ID_ENV
 
+pytestmark = pytest.mark.slow  # the fast tier (-m "not slow") leaves this file out: README "Tests"
+
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCHER = ROOT / "launch" / "local_multiprocess.sh"
 TINY = ROOT / "tests" / "golden" / "tiny_bert"
@@ -62,8 +64,9 @@ def _rows(path: Path) -> list[dict]:
 
 
 def _plans(run: Path) -> dict[int, np.ndarray]:
-    from opera_jax.train.checkpoint import Checkpointer
     import orbax.checkpoint as ocp
+
+    from opera_jax.train.checkpoint import Checkpointer
 
     ckpt = Checkpointer(run / "checkpoints")
     out = {s: np.asarray(ckpt.manager.restore(s, args=ocp.args.Composite(plan=ocp.args.StandardRestore()))

@@ -20,7 +20,13 @@ import pytest
 
 from opera_jax.data.beir import DATA_ENV
 from opera_jax.distributed import (
-    AUTO, COORDINATOR_ENV, DISTRIBUTED_ENV, LOCAL_DEVICE_IDS_ENV, NUM_PROCESSES_ENV, PROCESS_ID_ENV)
+    AUTO,
+    COORDINATOR_ENV,
+    DISTRIBUTED_ENV,
+    LOCAL_DEVICE_IDS_ENV,
+    NUM_PROCESSES_ENV,
+    PROCESS_ID_ENV,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCH = ROOT / "launch"
@@ -196,7 +202,7 @@ def test_tpu_vm_dry_run_of_a_v5litepod_16(spies):
     assert "--project" not in str(gcloud)  # gcloud's configured project
     _, _, create = gcloud[1]
     assert (create["--accelerator-type"], create["--version"]) == ("v5litepod-16", "v2-alpha-tpuv5-lite")
-    for command, positionals, flags in gcloud[2:6]:  # everything between create and delete: on every worker
+    for _command, _positionals, flags in gcloud[2:6]:  # everything between create and delete: on every worker
         assert flags["--worker"] == "all"
     tarball = next(c for c in cmds if c[0] == "git")
     assert tarball[:5] == ["git", "-C", str(ROOT), "archive", "--format=tar.gz"] and tarball[-1] == "HEAD"

@@ -5,7 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import GOLDEN
 from flax import nnx
+from test_train_step import _batch
 
 from opera_jax.config import REMAT_POLICIES, load_config
 from opera_jax.errors import InputError
@@ -15,8 +17,7 @@ from opera_jax.models.encoder import load_encoder
 from opera_jax.train.optim import in_float32, make_optimizer
 from opera_jax.train.step import init_state, make_train_step
 
-from conftest import GOLDEN
-from test_train_step import _batch
+pytestmark = pytest.mark.slow  # the fast tier (-m "not slow") leaves this file out: README "Tests"
 
 MODELS = {"bert": GOLDEN / "tiny_bert", "qwen3": GOLDEN / "tiny_qwen3"}
 

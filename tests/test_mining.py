@@ -13,6 +13,8 @@ from opera_jax.errors import InputError
 from opera_jax.eval.retrieval import encode
 from opera_jax.models.encoder import load_encoder
 
+pytestmark = pytest.mark.slow  # the fast tier (-m "not slow") leaves this file out: README "Tests"
+
 Q_LEN, P_LEN = 16, 64
 SAME = 7  # corpus row whose text equals query 0's
 

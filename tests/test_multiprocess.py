@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # the fast tier (-m "not slow") leaves this file out: README "Tests"
+
 WORKER = Path(__file__).resolve().parent / "workers" / "train_steps.py"
 
 

@@ -7,9 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from opera_jax.cpu import xla_flags as xla_cpu
 from opera_jax.cpu import blas as cpu_blas
+from opera_jax.cpu import xla_flags as xla_cpu
 from opera_jax.models import ops
+
+pytestmark = pytest.mark.slow  # the fast tier (-m "not slow") leaves this file out: README "Tests"
 
 
 def _plain_layer_norm(x, scale, bias, eps):

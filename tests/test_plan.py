@@ -4,6 +4,7 @@ import json
 
 import jax
 import pytest
+from conftest import GOLDEN
 from flax import nnx
 
 from opera_jax.cli import main
@@ -11,7 +12,7 @@ from opera_jax.config import load_config
 from opera_jax.models.encoder import load_encoder
 from opera_jax.plan import model_config, plan, presets
 
-from conftest import GOLDEN
+pytestmark = pytest.mark.slow  # the fast tier (-m "not slow") leaves this file out: README "Tests"
 
 SMALL = ["optim.batch_size=16", "data.query_max_len=16", "data.passage_max_len=32", "data.group_size=2"]
 MODELS = {"bert": GOLDEN / "tiny_bert", "qwen3": GOLDEN / "tiny_qwen3"}

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import GOLDEN
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
@@ -19,7 +20,7 @@ from opera_jax.models.export import export_encoder
 from opera_jax.models.qwen3 import Qwen3Config
 from opera_jax.models.weights import hf_state_dict
 
-from conftest import GOLDEN
+pytestmark = pytest.mark.slow  # the fast tier (-m "not slow") leaves this file out: README "Tests"
 
 TOL = 1e-5
 TINY = GOLDEN / "tiny_qwen3"

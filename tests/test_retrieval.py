@@ -8,6 +8,8 @@ from opera_jax.data.tokens import tokenize
 from opera_jax.eval.retrieval import encode, exact_topk
 from opera_jax.models.encoder import load_encoder
 
+pytestmark = pytest.mark.slow  # the fast tier (-m "not slow") leaves this file out: README "Tests"
+
 
 def _reference_topk(q, d, k):
     scores = q @ d.T

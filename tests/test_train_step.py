@@ -13,6 +13,8 @@ from opera_jax.train.loss import contrastive_loss
 from opera_jax.train.optim import decay_mask, learning_rate_schedule, make_optimizer
 from opera_jax.train.step import init_state, make_train_step
 
+pytestmark = pytest.mark.slow  # the fast tier (-m "not slow") leaves this file out: README "Tests"
+
 
 def _numpy_infonce(q, p, tau, w):
     b, g = q.shape[0], p.shape[0] // q.shape[0]

@@ -13,6 +13,8 @@ from opera_jax.errors import TrainingDiverged
 from opera_jax.models.encoder import load_encoder
 from opera_jax.train.trainer import export_run, train_and_evaluate
 
+pytestmark = pytest.mark.slow  # the fast tier (-m "not slow") leaves this file out: README "Tests"
+
 
 def _config(tiny_bert_dir, *extra):
     return load_config(None, [

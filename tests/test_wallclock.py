@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # the fast tier (-m "not slow") leaves this file out: README "Tests"
+
 HARNESS = Path(__file__).resolve().parents[1] / "benchmarks" / "wallclock.py"
 
 

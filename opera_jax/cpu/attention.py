@@ -42,7 +42,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from opera_jax.cpu import blas as cpu_blas, kernels as cpu_kernels
+from opera_jax.cpu import blas as cpu_blas
+from opera_jax.cpu import kernels as cpu_kernels
 from opera_jax.sharding import per_device
 
 SOURCE = cpu_kernels.CSRC / "attention.cc"

@@ -18,8 +18,8 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -148,7 +148,7 @@ class TokenArrays:
     def __len__(self) -> int:
         return len(self.lengths)
 
-    def take(self, rows: np.ndarray) -> "TokenArrays":
+    def take(self, rows: np.ndarray) -> TokenArrays:
         """The texts at ``rows``, as a new ragged array."""
         rows = np.asarray(rows)
         lengths = self.lengths[rows]

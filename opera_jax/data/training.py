@@ -46,17 +46,17 @@ class TrainingSet:
         ids = self.query_offsets[:-1, None] + cols
         return np.where(cols < counts[:, None], ids, -1).astype(np.int32)
 
-    def with_negatives(self, negatives: np.ndarray, counts: np.ndarray) -> "TrainingSet":
+    def with_negatives(self, negatives: np.ndarray, counts: np.ndarray) -> TrainingSet:
         if negatives.shape[0] != self.num_queries or counts.shape != (self.num_queries,):
             raise ValueError("negatives must have one row per query")
         return dataclasses.replace(self, negatives=negatives.astype(np.int32), negative_counts=counts.astype(np.int32))
 
-    def rows_in(self, parent: "TrainingSet") -> np.ndarray:
+    def rows_in(self, parent: TrainingSet) -> np.ndarray:
         """Where each of this set's queries sits in ``parent`` (e.g. the full set a pruned one came from)."""
         index = {q: i for i, q in enumerate(parent.query_ids)}
         return np.asarray([index[q] for q in self.query_ids], np.int64)
 
-    def subset_pairs(self, keep: np.ndarray) -> "TrainingSet":
+    def subset_pairs(self, keep: np.ndarray) -> TrainingSet:
         """Keep only the pairs where ``keep`` is true; queries left with none drop out (static pruning)."""
         keep = np.asarray(keep, dtype=bool)
         counts = np.bincount(self.pair_query[keep], minlength=self.num_queries)

@@ -12,7 +12,8 @@ A method is an object with
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from opera_jax.data.pipeline import Plan
 from opera_jax.data.training import TrainingSet

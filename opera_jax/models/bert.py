@@ -48,7 +48,7 @@ class BertConfig:
     pad_token_id: int = 0
 
     @classmethod
-    def from_hf(cls, hf: dict[str, Any], source: str = "config.json") -> "BertConfig":
+    def from_hf(cls, hf: dict[str, Any], source: str = "config.json") -> BertConfig:
         """Build from a parsed ``config.json``; unknown keys are ignored."""
         if hf.get("model_type") not in ("bert", None):
             raise InputError(f"{source}: model_type {hf.get('model_type')!r} is not a BERT model")
@@ -92,7 +92,7 @@ class Precision:
     param_dtype: Any = jnp.float32
 
     @classmethod
-    def named(cls, dtype: str, param_dtype: str = "float32", backend: str | None = None) -> "Precision":
+    def named(cls, dtype: str, param_dtype: str = "float32", backend: str | None = None) -> Precision:
         """From the config's names; ``dtype`` ``"auto"``: bfloat16 on GPUs and TPUs (f32 master
         weights), float32 on CPU, whose bf16 arithmetic is emulated. ``backend``: JAX's default."""
         if dtype == "auto":

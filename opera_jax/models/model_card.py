@@ -145,7 +145,7 @@ def render(info: CardInfo, spec: EncoderSpec, *, dim: int, architecture: str, re
 
 def _training(info: CardInfo) -> list[str]:
     c = info.config
-    d, o, m = c.data, c.optim, c.mining
+    d, o = c.data, c.optim
     lines = ["## Training", "", f"- Method: `{c.method.name}`, {METHODS[c.method.name]}"]
     size = f" ({info.train_queries} queries, {info.train_pairs} positive pairs)" if info.train_queries else ""
     lines.append(f"- Data: {info.data}{size}")

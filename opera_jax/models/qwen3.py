@@ -56,7 +56,7 @@ class Qwen3Config:
     pad_token_id: int | None = None
 
     @classmethod
-    def from_hf(cls, hf: dict[str, Any], source: str = "config.json") -> "Qwen3Config":
+    def from_hf(cls, hf: dict[str, Any], source: str = "config.json") -> Qwen3Config:
         """Build from a parsed ``config.json`` (transformers 4 or 5 layout); unknown keys are ignored."""
         if hf.get("model_type") != "qwen3":
             raise InputError(f"{source}: model_type {hf.get('model_type')!r} is not a Qwen3 model")

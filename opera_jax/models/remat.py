@@ -16,7 +16,7 @@ adds about one forward pass per step).
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 from flax import nnx

@@ -21,7 +21,8 @@ same dropout masks as an uninterrupted one.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.struct
 import jax

@@ -64,8 +64,8 @@ from opera_jax.models.export import export_encoder
 from opera_jax.models.model_card import run_card
 from opera_jax.preflight import check_batch_fits, check_batch_within, check_output_dir
 from opera_jax.sharding import FSDP_RULES, REPLICATED_RULES, batch_sharding, make_mesh, put_global, tree_shardings
-from opera_jax.train.checkpoint import Checkpointer
 from opera_jax.train import run_dir
+from opera_jax.train.checkpoint import Checkpointer
 from opera_jax.train.optim import learning_rate_schedule, make_optimizer
 from opera_jax.train.step import init_state, make_train_step
 

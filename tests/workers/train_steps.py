@@ -14,10 +14,11 @@ out, devices = sys.argv[1], int(sys.argv[2])
 os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
 os.environ["JAX_PLATFORMS"] = "cpu"
 
+from pathlib import Path  # noqa: E402
+
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 from opera_jax.distributed import initialize  # noqa: E402
 
