@@ -28,7 +28,11 @@ def write_minilm(out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     for path in source.rglob("*"):
         rel = path.relative_to(source)
-        if path.is_dir() or path.suffix in (".bin", ".h5", ".onnx", ".msgpack", ".ot") or rel.parts[0] in ("onnx", "openvino"):
+        if (
+            path.is_dir()
+            or path.suffix in (".bin", ".h5", ".onnx", ".msgpack", ".ot")
+            or rel.parts[0] in ("onnx", "openvino")
+        ):
             continue
         if path.name == "model.safetensors":
             tensors = {k: v.astype(np.float16) if v.dtype == np.float32 else v for k, v in load_file(path).items()}

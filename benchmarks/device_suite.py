@@ -40,13 +40,37 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = ROOT / "opera_jax" / "models" / "presets"
-MINILM = {"model_type": "bert", "vocab_size": 30522, "hidden_size": 384, "num_hidden_layers": 6,
-          "num_attention_heads": 12, "intermediate_size": 1536, "max_position_embeddings": 512}
-TINY_BERT = {"model_type": "bert", "vocab_size": 2000, "hidden_size": 32, "num_hidden_layers": 2,
-             "num_attention_heads": 2, "intermediate_size": 64, "max_position_embeddings": 64}
-TINY_QWEN3 = {"model_type": "qwen3", "vocab_size": 2000, "hidden_size": 32, "num_hidden_layers": 2,
-              "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "intermediate_size": 64,
-              "max_position_embeddings": 64, "rms_norm_eps": 1e-6, "rope_theta": 1e6}
+MINILM = {
+    "model_type": "bert",
+    "vocab_size": 30522,
+    "hidden_size": 384,
+    "num_hidden_layers": 6,
+    "num_attention_heads": 12,
+    "intermediate_size": 1536,
+    "max_position_embeddings": 512,
+}
+TINY_BERT = {
+    "model_type": "bert",
+    "vocab_size": 2000,
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+    "max_position_embeddings": 64,
+}
+TINY_QWEN3 = {
+    "model_type": "qwen3",
+    "vocab_size": 2000,
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 8,
+    "intermediate_size": 64,
+    "max_position_embeddings": 64,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1e6,
+}
 # Dense bf16 peak FLOP/s by device kind (H200 is the H100's chip with more memory).
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 TEMPERATURE = 0.02  # the release's
@@ -89,8 +113,10 @@ def batches(shape: Shape, count: int, vocab: int) -> list[dict]:
     out = []
     for _ in range(count):
         batch = {}
-        for side, rows, n in (("query", shape.batch, shape.query_len),
-                              ("passage", shape.batch * shape.group, shape.passage_len)):
+        for side, rows, n in (
+            ("query", shape.batch, shape.query_len),
+            ("passage", shape.batch * shape.group, shape.passage_len),
+        ):
             lengths = rng.integers(n // 2, n + 1, rows)
             mask = (np.arange(n)[None] < lengths[:, None]).astype(np.int32)
             batch[f"{side}_input_ids"] = np.where(mask > 0, rng.integers(1000, vocab, (rows, n)), 0).astype(np.int32)
@@ -129,8 +155,13 @@ def ours_step(shape: Shape, steps: int, warmup: int) -> dict:
     hf = shape.hf()
     arch = ARCHITECTURES[hf["model_type"]]
     precision = Precision.named("auto")
-    backbone = arch.model_cls(arch.config_cls.from_hf(hf), precision=precision, remat=shape.remat,
-                              attention="auto", rngs=nnx.Rngs(params=0, dropout=0))
+    backbone = arch.model_cls(
+        arch.config_cls.from_hf(hf),
+        precision=precision,
+        remat=shape.remat,
+        attention="auto",
+        rngs=nnx.Rngs(params=0, dropout=0),
+    )
     model = Retriever(backbone, shape.pooling, True)
     model.train()
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -150,9 +181,15 @@ def ours_step(shape: Shape, steps: int, warmup: int) -> dict:
     jax.block_until_ready(out["loss"])
     seconds = (time.perf_counter() - start) / steps
     stats = jax.devices()[0].memory_stats() or {}
-    return {"step_s": seconds, "compile_s": compile_s, "peak_bytes": stats.get("peak_bytes_in_use"),
-            "loss": float(out["loss"]), "device": jax.devices()[0].device_kind, "dtype": precision.dtype.name,
-            "attention": attention.resolve("auto", precision.dtype)}
+    return {
+        "step_s": seconds,
+        "compile_s": compile_s,
+        "peak_bytes": stats.get("peak_bytes_in_use"),
+        "loss": float(out["loss"]),
+        "device": jax.devices()[0].device_kind,
+        "dtype": precision.dtype.name,
+        "attention": attention.resolve("auto", precision.dtype),
+    }
 
 
 def torch_step(shape: Shape, steps: int, warmup: int, compiled: bool, tiny: bool) -> dict:
@@ -162,8 +199,9 @@ def torch_step(shape: Shape, steps: int, warmup: int, compiled: bool, tiny: bool
     hf = shape.hf()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if hf["model_type"] == "bert":
-        model = transformers.BertModel(transformers.BertConfig(**hf, attn_implementation="sdpa"),
-                                       add_pooling_layer=False)
+        model = transformers.BertModel(
+            transformers.BertConfig(**hf, attn_implementation="sdpa"), add_pooling_layer=False
+        )
     else:
         model = transformers.Qwen3Model(transformers.Qwen3Config(**hf, attn_implementation="sdpa", use_cache=False))
     assert model.config._attn_implementation == "sdpa", model.config._attn_implementation
@@ -197,8 +235,10 @@ def torch_step(shape: Shape, steps: int, warmup: int, compiled: bool, tiny: bool
         optimizer.zero_grad(set_to_none=True)
         return loss
 
-    data = [{k: torch.as_tensor(v, device=device).long() if "input" in k or "mask" in k else v
-             for k, v in b.items()} for b in batches(shape, 2, hf["vocab_size"])]
+    data = [
+        {k: torch.as_tensor(v, device=device).long() if "input" in k or "mask" in k else v for k, v in b.items()}
+        for b in batches(shape, 2, hf["vocab_size"])
+    ]
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     start = time.perf_counter()
     loss = step(data[0])  # the first step: torch.compile's compilation, CUDA's lazy set-up
@@ -214,10 +254,15 @@ def torch_step(shape: Shape, steps: int, warmup: int, compiled: bool, tiny: bool
         loss = step(data[i % 2])
     sync()
     seconds = (time.perf_counter() - start) / steps
-    return {"step_s": seconds, "compile_s": compile_s, "loss": float(loss),
-            "peak_bytes": torch.cuda.max_memory_allocated() if device == "cuda" else None,
-            "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
-            "attention": model.config._attn_implementation}
+    return {
+        "step_s": seconds,
+        "compile_s": compile_s,
+        "loss": float(loss),
+        "peak_bytes": torch.cuda.max_memory_allocated() if device == "cuda" else None,
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "attention": model.config._attn_implementation,
+    }
 
 
 def passages(count: int, vocab_words: list[str], seed: int = 0) -> list[str]:
@@ -255,8 +300,13 @@ def ours_encode(model_dir: Path, count: int, batch_size: int) -> dict:
     start = time.perf_counter()
     emb = jax.block_until_ready(run())
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "first_s": first, "passages_per_s": count / seconds, "dim": int(emb.shape[1]),
-            "dtype": Precision.named("auto").dtype.name}
+    return {
+        "seconds": seconds,
+        "first_s": first,
+        "passages_per_s": count / seconds,
+        "dim": int(emb.shape[1]),
+        "dtype": Precision.named("auto").dtype.name,
+    }
 
 
 def st_encode(model_dir: Path, count: int, batch_size: int) -> dict:
@@ -273,8 +323,13 @@ def st_encode(model_dir: Path, count: int, batch_size: int) -> dict:
     start = time.perf_counter()
     emb = model.encode(texts, batch_size=batch_size)
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "first_s": first, "passages_per_s": count / seconds, "dim": int(emb.shape[1]),
-            "dtype": str(next(model.parameters()).dtype)}
+    return {
+        "seconds": seconds,
+        "first_s": first,
+        "passages_per_s": count / seconds,
+        "dim": int(emb.shape[1]),
+        "dtype": str(next(model.parameters()).dtype),
+    }
 
 
 def child(args) -> dict:
@@ -341,8 +396,11 @@ def suite(args) -> dict:
     save = lambda: (out / "device_suite.json").write_text(json.dumps(results, indent=1))
     for name in args.shapes.split(","):
         shape = shapes[name]
-        row = {"shape": dataclasses.asdict(shape) | {"config": shape.config if isinstance(shape.config, str)
-                                                     else "inline"}, "model_flops": model_flops(shape)}
+        row = {
+            "shape": dataclasses.asdict(shape)
+            | {"config": shape.config if isinstance(shape.config, str) else "inline"},
+            "model_flops": model_flops(shape),
+        }
         row["ours"] = run_child(["--child", "ours", "--shape", name, *steps], args.child_timeout)
         for peer in ("torch", "torch-compile"):
             if not has_torch:
@@ -355,8 +413,10 @@ def suite(args) -> dict:
                 row[peer] = run_child(["--child", peer, "--shape", name, *steps], args.child_timeout)
         results["train_step"][name] = row
         save()
-        print(f"train step {name}: " + ", ".join(f"{k} {_fmt_s(row[k])}" for k in ("ours", "torch", "torch-compile")),
-              flush=True)
+        print(
+            f"train step {name}: " + ", ".join(f"{k} {_fmt_s(row[k])}" for k in ("ours", "torch", "torch-compile")),
+            flush=True,
+        )
     minilm = _minilm_dir(args.minilm)
     enc_args = ["--passages", str(args.passages), "--encode-batch", str(args.encode_batch)]
     if minilm is None:
@@ -365,22 +425,59 @@ def suite(args) -> dict:
         enc_args += ["--minilm", str(minilm)]
         results["encode"]["ours"] = run_child(["--child", "ours-encode", *enc_args], args.child_timeout)
         results["encode"]["sentence-transformers"] = (
-            run_child(["--child", "st-encode", *enc_args], args.child_timeout) if _importable("sentence_transformers")
-            else {"skipped": "sentence-transformers not installed"})
+            run_child(["--child", "st-encode", *enc_args], args.child_timeout)
+            if _importable("sentence_transformers")
+            else {"skipped": "sentence-transformers not installed"}
+        )
     save()
     pairs = "1e3" if args.tiny else "1e4,1e6,1e7"
     pruning = out / "pruning_overhead.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "pruning_overhead.py"), "--pairs", pairs,
-                           "--repeats", "1" if args.tiny else "3", "--out", str(pruning)],
-                          capture_output=True, text=True, timeout=args.child_timeout, cwd=ROOT)
-    results["pruning_overhead"] = (json.loads(pruning.read_text()) if proc.returncode == 0 and pruning.exists()
-                                   else {"error": (proc.stdout + proc.stderr)[-600:]})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "pruning_overhead.py"),
+            "--pairs",
+            pairs,
+            "--repeats",
+            "1" if args.tiny else "3",
+            "--out",
+            str(pruning),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=args.child_timeout,
+        cwd=ROOT,
+    )
+    results["pruning_overhead"] = (
+        json.loads(pruning.read_text())
+        if proc.returncode == 0 and pruning.exists()
+        else {"error": (proc.stdout + proc.stderr)[-600:]}
+    )
     save()
-    tests = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "-o", "addopts=", "-q", "-p",
-                            "no:cacheprovider", "tests/test_attention.py"], capture_output=True, text=True,
-                           timeout=args.child_timeout, cwd=ROOT)
-    summary = [line for line in tests.stdout.splitlines() if "passed" in line or "skipped" in line
-               or "failed" in line or "deselected" in line]
+    tests = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-m",
+            "gpu",
+            "-o",
+            "addopts=",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "tests/test_attention.py",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=args.child_timeout,
+        cwd=ROOT,
+    )
+    summary = [
+        line
+        for line in tests.stdout.splitlines()
+        if "passed" in line or "skipped" in line or "failed" in line or "deselected" in line
+    ]
     results["gpu_tests"] = {"exit": tests.returncode, "summary": summary[-1] if summary else tests.stdout[-300:]}
     results["quality"] = {"skipped": "the OPERA study's SciFact runs are not part of this suite yet"}
     save()
@@ -394,9 +491,12 @@ def _fmt_s(r: dict) -> str:
 
 def markdown(results: dict) -> str:
     """The suite's tables: per shape, each side's step time, throughput, memory, MFU and our ratios."""
-    lines = [f"Device suite, {results['date']}" + (" (tiny shapes: a dry run)" if results["tiny"] else ""), "",
-             "| shape | side | device | step ms | examples/s | tokens/s | peak GiB | compile s | MFU | ours / side |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Device suite, {results['date']}" + (" (tiny shapes: a dry run)" if results["tiny"] else ""),
+        "",
+        "| shape | side | device | step ms | examples/s | tokens/s | peak GiB | compile s | MFU | ours / side |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, row in results["train_step"].items():
         s = row["shape"]
         tokens = s["batch"] * s["query_len"] + s["batch"] * s["group"] * s["passage_len"]
@@ -411,15 +511,18 @@ def markdown(results: dict) -> str:
             mem = f"{r['peak_bytes'] / 2**30:.2f}" if r.get("peak_bytes") else "n/a"
             ratio = f"{r['step_s'] / ours:.2f}x" if ours and side != "ours" else ""
             label = side + (f" ({r['dtype']}, {r['attention']})" if side == "ours" else "")
-            lines.append(f"| {name} | {label} | {r.get('device', '')} | {r['step_s'] * 1e3:.1f} | "
-                         f"{s['batch'] / r['step_s']:.1f} | {tokens / r['step_s']:.0f} | {mem} | "
-                         f"{r['compile_s']:.1f} | {mfu} | {ratio} |")
+            lines.append(
+                f"| {name} | {label} | {r.get('device', '')} | {r['step_s'] * 1e3:.1f} | "
+                f"{s['batch'] / r['step_s']:.1f} | {tokens / r['step_s']:.0f} | {mem} | "
+                f"{r['compile_s']:.1f} | {mfu} | {ratio} |"
+            )
     lines += ["", "| encoding | passages/s | seconds | first call s |", "|---|---|---|---|"]
     enc = results["encode"]
-    for side, r in (enc.items() if "skipped" not in enc else [("all", enc)]):
+    for side, r in enc.items() if "skipped" not in enc else [("all", enc)]:
         if "passages_per_s" in r:
-            lines.append(f"| {side} ({r['dtype']}) | {r['passages_per_s']:.0f} | {r['seconds']:.2f} | "
-                         f"{r['first_s']:.2f} |")
+            lines.append(
+                f"| {side} ({r['dtype']}) | {r['passages_per_s']:.0f} | {r['seconds']:.2f} | {r['first_s']:.2f} |"
+            )
         else:
             lines.append(f"| {side} | {(r.get('skipped') or r.get('error', '?'))[:80]} | | |")
     if "passages_per_s" in enc.get("ours", {}) and "passages_per_s" in enc.get("sentence-transformers", {}):
@@ -452,8 +555,12 @@ def main(argv=None) -> None:
         return
     results = suite(args)
     print((Path(args.out) / "device_suite.md").read_text())
-    failed = [f"{n}/{s}" for n, row in results["train_step"].items() for s in ("ours", "torch", "torch-compile")
-              if "error" in row[s]]
+    failed = [
+        f"{n}/{s}"
+        for n, row in results["train_step"].items()
+        for s in ("ours", "torch", "torch-compile")
+        if "error" in row[s]
+    ]
     if failed:
         print("failed: " + ", ".join(failed), file=sys.stderr)
 

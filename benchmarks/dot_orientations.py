@@ -50,8 +50,9 @@ def main(argv=None) -> list[dict]:
     torch.set_num_threads(args.threads)
     dot = lambda dims: jax.jit(lambda a, b: jax.lax.dot_general(a, b, (dims, ((), ()))))
     plain, times_transposed, weight_grad = dot(((1,), (0,))), dot(((1,), (1,))), dot(((0,), (0,)))
-    transposed_then_dot = jax.jit(lambda a, b: jax.lax.dot_general(
-        jax.lax.optimization_barrier(a.T), b, (((1,), (0,)), ((), ()))))
+    transposed_then_dot = jax.jit(
+        lambda a, b: jax.lax.dot_general(jax.lax.optimization_barrier(a.T), b, (((1,), (0,)), ((), ())))
+    )
     rng = np.random.default_rng(0)
     rows = []
     for din, dout in WIDTHS:
@@ -80,17 +81,34 @@ def main(argv=None) -> list[dict]:
                     call()
                     times[side].append(time.perf_counter() - t)
             rate = {side: flops / float(np.median(ts)) / 1e9 for side, ts in times.items()}
-            row = {"din": din, "dout": dout, "tokens": args.tokens, "dot": name,
-                   "xla_gflops": round(rate["xla"], 1), "torch_gflops": round(rate["torch"], 1),
-                   "ratio": round(rate["xla"] / rate["torch"], 3)}
+            row = {
+                "din": din,
+                "dout": dout,
+                "tokens": args.tokens,
+                "dot": name,
+                "xla_gflops": round(rate["xla"], 1),
+                "torch_gflops": round(rate["torch"], 1),
+                "ratio": round(rate["xla"] / rate["torch"], 3),
+            }
             rows.append(row)
-            print(f"[{args.tokens}, {din}] -> {dout:5d}  {name:30s} XLA {row['xla_gflops']:6.1f}  "
-                  f"PyTorch {row['torch_gflops']:6.1f} GFLOP/s  ratio {row['ratio']:.3f}", flush=True)
+            print(
+                f"[{args.tokens}, {din}] -> {dout:5d}  {name:30s} XLA {row['xla_gflops']:6.1f}  "
+                f"PyTorch {row['torch_gflops']:6.1f} GFLOP/s  ratio {row['ratio']:.3f}",
+                flush=True,
+            )
     if args.out:
         from opera_jax.io_utils import write_json
 
-        write_json(args.out, {"rows": rows, "threads": args.threads, "cpus": sorted(os.sched_getaffinity(0)),
-                              "jax": jax.__version__, "torch": torch.__version__})
+        write_json(
+            args.out,
+            {
+                "rows": rows,
+                "threads": args.threads,
+                "cpus": sorted(os.sched_getaffinity(0)),
+                "jax": jax.__version__,
+                "torch": torch.__version__,
+            },
+        )
     return rows
 
 

@@ -31,8 +31,12 @@ def parse_args(argv=None):
     p.add_argument("--docs", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--max-len", type=int, default=256)
-    p.add_argument("--threads", type=int, default=os.cpu_count(),
-                   help="PyTorch threads; XLA's CPU client uses every core, so keep the default for a fair run")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=os.cpu_count(),
+        help="PyTorch threads; XLA's CPU client uses every core, so keep the default for a fair run",
+    )
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cpu", help="cpu, or cuda for a GPU run of both sides")
     p.add_argument("--out", default=None, help="write the results as JSON here")
@@ -95,13 +99,24 @@ def main(argv=None) -> dict:
         warm = timed(fn)
         times = [timed(fn) for _ in range(args.repeats)]
         med = statistics.median(times)
-        results[name] = {"warmup_s": round(warm, 3), "median_s": round(med, 3),
-                         "docs_per_s": round(len(texts) / med, 2), "times_s": [round(t, 3) for t in times]}
+        results[name] = {
+            "warmup_s": round(warm, 3),
+            "median_s": round(med, 3),
+            "docs_per_s": round(len(texts) / med, 2),
+            "times_s": [round(t, 3) for t in times],
+        }
     results["ratio_jax_over_torch"] = round(results["opera_jax"]["docs_per_s"] / results["pytorch"]["docs_per_s"], 3)
     results["setup"] = {
-        "model": args.model, "docs": len(texts), "batch_size": args.batch_size, "max_len": args.max_len,
-        "threads": args.threads, "device": args.device, "jax": jax.__version__, "torch": torch.__version__,
-        "jax_devices": [str(d) for d in jax.devices()], "mean_tokens": float(lengths.mean()),
+        "model": args.model,
+        "docs": len(texts),
+        "batch_size": args.batch_size,
+        "max_len": args.max_len,
+        "threads": args.threads,
+        "device": args.device,
+        "jax": jax.__version__,
+        "torch": torch.__version__,
+        "jax_devices": [str(d) for d in jax.devices()],
+        "mean_tokens": float(lengths.mean()),
     }
     print(json.dumps(results, indent=2))
     if args.out:

@@ -56,8 +56,10 @@ def _child(side: str, tokens: int, layers: int, repeats: int) -> dict:
         times.append(time.perf_counter() - t)
     flops = layers * 2 * (2 * tokens * HIDDEN * INTERMEDIATE)
     times.sort()
-    return {"best_gflops": round(flops / times[0] / 1e9, 1),
-            "median_gflops": round(flops / times[len(times) // 2] / 1e9, 1)}
+    return {
+        "best_gflops": round(flops / times[0] / 1e9, 1),
+        "median_gflops": round(flops / times[len(times) // 2] / 1e9, 1),
+    }
 
 
 def main(argv=None) -> dict:
@@ -77,10 +79,21 @@ def main(argv=None) -> dict:
     cpus = sorted(os.sched_getaffinity(0))[:1]  # one thread, one core, both sides
     results = {}
     for side in ("jax", "torch"):
-        cmd = [sys.executable, os.path.abspath(__file__), "--child", side, "--tokens", str(args.tokens),
-               "--layers", str(args.layers), "--repeats", str(args.repeats)]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True,
-                             preexec_fn=lambda: os.sched_setaffinity(0, cpus))
+        cmd = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--child",
+            side,
+            "--tokens",
+            str(args.tokens),
+            "--layers",
+            str(args.layers),
+            "--repeats",
+            str(args.repeats),
+        ]
+        out = subprocess.run(
+            cmd, check=True, capture_output=True, text=True, preexec_fn=lambda: os.sched_setaffinity(0, cpus)
+        )
         results[side] = json.loads(out.stdout.strip().splitlines()[-1])
     results["ratio_median"] = round(results["jax"]["median_gflops"] / results["torch"]["median_gflops"], 3)
     print(json.dumps(results, indent=2))

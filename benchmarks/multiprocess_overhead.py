@@ -34,12 +34,29 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _train_args(out: Path, steps: int) -> list[str]:
     return [
-        sys.executable, "-m", "opera_jax.cli", "train", str(ROOT / "configs" / "quickstart.yaml"),
-        f"model.name={ROOT / 'tests' / 'golden' / 'tiny_bert'}", "model.pooling=mean", "model.normalize=true",
-        "data.path=med", "data.query_max_len=16", "data.passage_max_len=32", "data.eval_batch_size=64",
-        "optim.batch_size=8", f"optim.max_steps={steps}", "train.eval_every=0", f"train.checkpoint_every={steps}",
-        "train.log_every=1", "mining.rank_start=0", "mining.rank_end=20", "mining.num_negatives=8",
-        "method.name=dp", "--out", str(out),
+        sys.executable,
+        "-m",
+        "opera_jax.cli",
+        "train",
+        str(ROOT / "configs" / "quickstart.yaml"),
+        f"model.name={ROOT / 'tests' / 'golden' / 'tiny_bert'}",
+        "model.pooling=mean",
+        "model.normalize=true",
+        "data.path=med",
+        "data.query_max_len=16",
+        "data.passage_max_len=32",
+        "data.eval_batch_size=64",
+        "optim.batch_size=8",
+        f"optim.max_steps={steps}",
+        "train.eval_every=0",
+        f"train.checkpoint_every={steps}",
+        "train.log_every=1",
+        "mining.rank_start=0",
+        "mining.rank_end=20",
+        "mining.num_negatives=8",
+        "method.name=dp",
+        "--out",
+        str(out),
     ]
 
 
@@ -78,14 +95,14 @@ def collectives_per_step(devices: int) -> list[dict]:
     code = rf"""
 import re, json, sys, jax, numpy as np
 from flax import nnx
-sys.path.insert(0, {str(ROOT / 'tests')!r})
+sys.path.insert(0, {str(ROOT / "tests")!r})
 from test_train_step import _batch
 from opera_jax.models.encoder import load_encoder
 from opera_jax.sharding import batch_sharding, replicated, make_mesh
 from opera_jax.train.optim import make_optimizer
 from opera_jax.train.step import init_state, make_train_step
 mesh = make_mesh()
-model = load_encoder({str(ROOT / 'tests' / 'golden' / 'tiny_bert')!r}, overrides={{"normalize": True}}).model
+model = load_encoder({str(ROOT / "tests" / "golden" / "tiny_bert")!r}, overrides={{"normalize": True}}).model
 model.train()
 g, params, rest = nnx.split(model, nnx.Param, ...)
 opt = make_optimizer(1e-3, 10, warmup_ratio=0.0)
@@ -117,18 +134,31 @@ def main(argv=None) -> dict:
         probe(args.probe)
         return {}
     total = args.processes * args.devices
-    launcher = ["bash", str(ROOT / "launch" / "local_multiprocess.sh"), "-n", str(args.processes),
-                "-d", str(args.devices), "--"]
+    launcher = [
+        "bash",
+        str(ROOT / "launch" / "local_multiprocess.sh"),
+        "-n",
+        str(args.processes),
+        "-d",
+        str(args.devices),
+        "--",
+    ]
     collectives = collectives_per_step(total)
     widest = max(c["operands"] for c in collectives)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         env = {**os.environ, "JAX_PLATFORMS": "cpu", "OPERA_CACHE_DIR": str(tmp / "cache")}
         single = {**env, "XLA_FLAGS": f"--xla_force_host_platform_device_count={total}"}
-        subprocess.run(_train_args(tmp / "single", args.steps), env=single, check=True, cwd=ROOT,
-                       stdout=subprocess.DEVNULL)
-        subprocess.run([*launcher, *_train_args(tmp / "multi", args.steps)],
-                       env=env, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            _train_args(tmp / "single", args.steps), env=single, check=True, cwd=ROOT, stdout=subprocess.DEVNULL
+        )
+        subprocess.run(
+            [*launcher, *_train_args(tmp / "multi", args.steps)],
+            env=env,
+            check=True,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+        )
         one = _seconds_per_step(tmp / "single", args.skip)
         many = _seconds_per_step(tmp / "multi", args.skip)
         probe_args = [sys.executable, __file__, "--probe", str(widest)]
@@ -144,15 +174,24 @@ def main(argv=None) -> dict:
         return sum(t1 + (c["operands"] - 1) * per_operand for c in collectives)
 
     result = {
-        "setup": {"processes": args.processes, "devices_per_process": args.devices, "steps": args.steps,
-                  "skipped": args.skip, "cpus": os.cpu_count()},
+        "setup": {
+            "processes": args.processes,
+            "devices_per_process": args.devices,
+            "steps": args.steps,
+            "skipped": args.skip,
+            "cpus": os.cpu_count(),
+        },
         "single_process_s_per_step": round(statistics.median(one), 4),
         "multi_process_s_per_step": round(statistics.median(many), 4),
     }
-    result["ratio_multi_over_single"] = round(result["multi_process_s_per_step"] / result["single_process_s_per_step"], 3)
+    result["ratio_multi_over_single"] = round(
+        result["multi_process_s_per_step"] / result["single_process_s_per_step"], 3
+    )
     result["collectives_per_step"] = collectives
-    result["all_reduce_s"] = {"cross_process": {k: round(v, 5) for k, v in cross.items()},
-                              "one_process": {k: round(v, 5) for k, v in local.items()}}
+    result["all_reduce_s"] = {
+        "cross_process": {k: round(v, 5) for k, v in cross.items()},
+        "one_process": {k: round(v, 5) for k, v in local.items()},
+    }
     result["expected_overhead_s"] = round(cost(cross) - cost(local), 4)
     result["measured_overhead_s"] = round(result["multi_process_s_per_step"] - result["single_process_s_per_step"], 4)
     print(json.dumps(result, indent=2))

@@ -57,6 +57,7 @@ def parse_args(argv=None):
 
 # ---------------------------------------------------------------- reading the optimised HLO
 
+
 def _dims(shape: str) -> list[int]:
     m = re.match(r"\w+\[([\d,]*)\]", shape)
     return [int(x) for x in m.group(1).split(",") if x] if m else []
@@ -88,16 +89,19 @@ class Hlo:
     def flops(self, dot: str) -> tuple[int, str]:
         """``2 * output elements * contracted size`` of a dot line, and a label of its shapes."""
         if "opera_gemm" in dot:  # c = op(a) op(b), op a transpose where ta / tb = 1
-            m = re.match(r"\s*(?:ROOT )?%?[\w.\-]+ = (\S+?)(?:\{[^}]*\})? custom-call\(%?([\w.\-]+), %?([\w.\-]+)\)",
-                         dot)
+            m = re.match(
+                r"\s*(?:ROOT )?%?[\w.\-]+ = (\S+?)(?:\{[^}]*\})? custom-call\(%?([\w.\-]+), %?([\w.\-]+)\)", dot
+            )
             out, lhs, rhs = _dims(m.group(1)), _dims(self.shape[m.group(2)]), _dims(self.shape[m.group(3)])
             ta, tb = (re.search(rf"\b{t} = (\d)", dot).group(1) == "1" for t in ("ta", "tb"))
             label = f"{lhs}{'^T' if ta else ''} x {rhs}{'^T' if tb else ''} -> {out} (MKL)"
             return 2 * math.prod(out) * (lhs[0] if ta else lhs[1]), label
         m = re.match(r"\s*(?:ROOT )?%?[\w.\-]+ = (\S+?)(?:\{[^}]*\})? dot\(%?([\w.\-]+), %?([\w.\-]+)\)", dot)
         out, lhs, rhs = _dims(m.group(1)), _dims(self.shape[m.group(2)]), _dims(self.shape[m.group(3)])
-        lc, rc = ([int(i) for i in re.search(side + r"_contracting_dims=\{([\d,]*)\}", dot).group(1).split(",")]
-                  for side in ("lhs", "rhs"))
+        lc, rc = (
+            [int(i) for i in re.search(side + r"_contracting_dims=\{([\d,]*)\}", dot).group(1).split(",")]
+            for side in ("lhs", "rhs")
+        )
         return 2 * math.prod(out) * math.prod(lhs[i] for i in lc), f"{lhs} x {rhs} -> {out}, contracting {lc} x {rc}"
 
     def category(self, name: str) -> str:
@@ -121,6 +125,7 @@ class Hlo:
 
 
 # ---------------------------------------------------------------- the two children
+
 
 def child_jax(args) -> dict:
     import jax
@@ -164,14 +169,20 @@ def child_jax(args) -> dict:
         "categories_ms": {k: round(v, 1) for k, v in ms.most_common()},
         "thunks": dict(n),
         "unnamed_ms": round(unnamed, 1),
-        "dots": [{"shape": k, "ms": round(v[0], 1), "count": v[2], "gflop_s": round(v[1] / v[0] / 1e6, 1)}
-                 for k, v in sorted(dots.items(), key=lambda kv: -kv[1][0])],
+        "dots": [
+            {"shape": k, "ms": round(v[0], 1), "count": v[2], "gflop_s": round(v[1] / v[0] / 1e6, 1)}
+            for k, v in sorted(dots.items(), key=lambda kv: -kv[1][0])
+        ],
     }
 
 
 TORCH_CATEGORIES = [  # (part of the aten op's name, category), first match wins
-    ("scaled_dot_product", "attention (fused SDPA)"), ("aten::mm", "dense dots"), ("aten::addmm", "dense dots"),
-    ("aten::bmm", "dense dots"), ("gelu", "GELU"), ("layer_norm", "LayerNorm"),
+    ("scaled_dot_product", "attention (fused SDPA)"),
+    ("aten::mm", "dense dots"),
+    ("aten::addmm", "dense dots"),
+    ("aten::bmm", "dense dots"),
+    ("gelu", "GELU"),
+    ("layer_norm", "LayerNorm"),
 ]
 
 
@@ -189,8 +200,10 @@ def child_torch(args) -> dict:
         ms[cat] += ev.self_cpu_time_total / 1e3
         if cat == "other":
             ops[ev.key] += ev.self_cpu_time_total / 1e3
-    return {"categories_ms": {k: round(v, 1) for k, v in ms.most_common()},
-            "other_ops_ms": {k: round(v, 1) for k, v in ops.most_common(15)}}
+    return {
+        "categories_ms": {k: round(v, 1) for k, v in ms.most_common()},
+        "other_ops_ms": {k: round(v, 1) for k, v in ops.most_common(15)},
+    }
 
 
 def run_child(args) -> None:
@@ -209,6 +222,7 @@ def run_child(args) -> None:
 
 
 # ---------------------------------------------------------------- the parent
+
 
 def report(side: str, r: dict, top: int) -> None:
     total = sum(r["categories_ms"].values())
@@ -229,9 +243,24 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for side in args.sides.split(","):
             out = os.path.join(tmp, f"{side}.json")
-            cmd = [sys.executable, os.path.abspath(__file__), "--child", side, "--result-file", out,
-                   "--model", args.model, "--data", args.data, "--shape", args.shape,
-                   "--threads", str(args.threads), "--warmup", str(args.warmup)]
+            cmd = [
+                sys.executable,
+                os.path.abspath(__file__),
+                "--child",
+                side,
+                "--result-file",
+                out,
+                "--model",
+                args.model,
+                "--data",
+                args.data,
+                "--shape",
+                args.shape,
+                "--threads",
+                str(args.threads),
+                "--warmup",
+                str(args.warmup),
+            ]
             subprocess.run(cmd, check=True)
             results[side] = json.loads(Path(out).read_text())
             report(side, results[side], args.top)

@@ -88,8 +88,9 @@ def train_step_seconds() -> float:
     from opera_jax.train.optim import make_optimizer
     from opera_jax.train.step import init_state, make_train_step
 
-    config = BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
-                        intermediate_size=1536)
+    config = BertConfig(
+        vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536
+    )
     model = Retriever(BertModel(config, precision=Precision.named("auto"), rngs=nnx.Rngs(0)), "mean", True)
     model.train()
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -97,12 +98,15 @@ def train_step_seconds() -> float:
     state = init_state(params, opt, 0)
     step = make_train_step(graphdef, rest, opt, 0.05)
     rng = np.random.default_rng(0)
-    batch = {"query_input_ids": rng.integers(1000, 20000, (16, 64)).astype(np.int32),
-             "query_attention_mask": np.ones((16, 64), np.int32),
-             "passage_input_ids": rng.integers(1000, 20000, (32, 128)).astype(np.int32),
-             "passage_attention_mask": np.ones((32, 128), np.int32),
-             "pair": np.arange(16, dtype=np.int32), "query": np.arange(16, dtype=np.int32),
-             "weight": np.ones(16, np.float32)}
+    batch = {
+        "query_input_ids": rng.integers(1000, 20000, (16, 64)).astype(np.int32),
+        "query_attention_mask": np.ones((16, 64), np.int32),
+        "passage_input_ids": rng.integers(1000, 20000, (32, 128)).astype(np.int32),
+        "passage_attention_mask": np.ones((32, 128), np.int32),
+        "pair": np.arange(16, dtype=np.int32),
+        "query": np.arange(16, dtype=np.int32),
+        "weight": np.ones(16, np.float32),
+    }
     batch = jax.device_put(batch)
     for _ in range(2):
         state, out = step(state, batch)
@@ -136,8 +140,7 @@ def main(argv=None) -> dict:
         key = jax.random.key(0)
 
         def device_refresh():
-            q, pos, _ = dp.refresh(state, 500, key, pq, pm, n0=n0, num_queries=n, criterion="sim",
-                                   total=1000, hp=HP)
+            q, pos, _ = dp.refresh(state, 500, key, pq, pm, n0=n0, num_queries=n, criterion="sim", total=1000, hp=HP)
             np.asarray(q), np.asarray(pos)  # the plan goes to the host, as in training
 
         device_refresh()
@@ -161,13 +164,21 @@ def main(argv=None) -> dict:
         host_update_s = timed(lambda: host_scores.__setitem__(hidx, hvals), 20)
         steps_per_refresh = max(n0 // args.batch, 1)
         per_step = dev_update_s + dev_refresh / steps_per_refresh
-        rows.append({
-            "pairs": n_pairs, "queries": n, "n0": n0, "steps_per_refresh": steps_per_refresh,
-            "device_refresh_s": dev_refresh, "host_refresh_s": host_refresh_s,
-            "refresh_speedup": host_refresh_s / dev_refresh,
-            "device_update_s": dev_update_s, "host_update_s": host_update_s,
-            "device_overhead_per_step_s": per_step, "share_of_train_step": per_step / step_s,
-        })
+        rows.append(
+            {
+                "pairs": n_pairs,
+                "queries": n,
+                "n0": n0,
+                "steps_per_refresh": steps_per_refresh,
+                "device_refresh_s": dev_refresh,
+                "host_refresh_s": host_refresh_s,
+                "refresh_speedup": host_refresh_s / dev_refresh,
+                "device_update_s": dev_update_s,
+                "host_update_s": host_update_s,
+                "device_overhead_per_step_s": per_step,
+                "share_of_train_step": per_step / step_s,
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
     result = {"train_step_s": step_s, "devices": [str(d) for d in jax.devices()], "rows": rows}
     if args.out:
@@ -178,8 +189,10 @@ def main(argv=None) -> dict:
     print("| pairs | device refresh | host refresh | speed-up | device update | DP share of a step |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['pairs']:.0e} | {r['device_refresh_s'] * 1e3:.2f} ms | {r['host_refresh_s'] * 1e3:.1f} ms "
-              f"| {r['refresh_speedup']:.1f}x | {r['device_update_s'] * 1e6:.0f} us | {100 * r['share_of_train_step']:.3f}% |")
+        print(
+            f"| {r['pairs']:.0e} | {r['device_refresh_s'] * 1e3:.2f} ms | {r['host_refresh_s'] * 1e3:.1f} ms "
+            f"| {r['refresh_speedup']:.1f}x | {r['device_update_s'] * 1e6:.0f} us | {100 * r['share_of_train_step']:.3f}% |"
+        )
     return result
 
 

@@ -38,8 +38,14 @@ GiB = 1024**3
 BUDGET_GIB = 2.0  # the gradcache sweep's per-device budget
 GPU_GIB, V5E_GIB = 80, 16
 
-MINILM = ["model.name=sentence-transformers/all-MiniLM-L6-v2", "data.query_max_len=64", "data.passage_max_len=256",
-          "data.group_size=2", "model.dtype=float32", "model.remat=false"]
+MINILM = [
+    "model.name=sentence-transformers/all-MiniLM-L6-v2",
+    "data.query_max_len=64",
+    "data.passage_max_len=256",
+    "data.group_size=2",
+    "model.dtype=float32",
+    "model.remat=false",
+]
 
 QWEN = str(ROOT / "configs" / "qwen3-0.6b-basic.yaml")
 BGE = str(ROOT / "configs" / "bge-large-basic.yaml")
@@ -55,8 +61,12 @@ TABLE = {
     "qwen3-4b bf16 remat fsdp8": (QWEN, ["model.name=Qwen/Qwen3-Embedding-4B"], 8, 8),
     "qwen3-8b bf16 remat fsdp8": (QWEN, ["model.name=Qwen/Qwen3-Embedding-8B"], 8, 8),
     "qwen3-8b bf16 remat fsdp8 gc16": (QWEN, ["model.name=Qwen/Qwen3-Embedding-8B", "optim.grad_cache_chunk=16"], 8, 8),
-    "qwen3-8b bf16-params remat fsdp16 gc16": (QWEN, ["model.name=Qwen/Qwen3-Embedding-8B", "model.param_dtype=bfloat16",
-                                                     "optim.grad_cache_chunk=16"], 16, 16),
+    "qwen3-8b bf16-params remat fsdp16 gc16": (
+        QWEN,
+        ["model.name=Qwen/Qwen3-Embedding-8B", "model.param_dtype=bfloat16", "optim.grad_cache_chunk=16"],
+        16,
+        16,
+    ),
 }
 
 
@@ -66,11 +76,20 @@ def _plan_row(label: str, config_path: str | None, overrides: list[str], devices
 
     start = time.perf_counter()
     result = plan(load_config(config_path, overrides), devices, fsdp)
-    row = {"label": label, "overrides": overrides, "config": config_path and Path(config_path).name,
-           **dataclasses.asdict(result), "compile_s": round(time.perf_counter() - start, 1), **extra}
-    print(f"{label}: peak {result.peak_bytes / GiB:.3f} GiB/device "
-          f"(params {result.param_bytes / GiB:.3f}, optimizer {result.optimizer_bytes / GiB:.3f}, "
-          f"temp {result.temp_bytes / GiB:.3f}); {row['compile_s']} s", flush=True)
+    row = {
+        "label": label,
+        "overrides": overrides,
+        "config": config_path and Path(config_path).name,
+        **dataclasses.asdict(result),
+        "compile_s": round(time.perf_counter() - start, 1),
+        **extra,
+    }
+    print(
+        f"{label}: peak {result.peak_bytes / GiB:.3f} GiB/device "
+        f"(params {result.param_bytes / GiB:.3f}, optimizer {result.optimizer_bytes / GiB:.3f}, "
+        f"temp {result.temp_bytes / GiB:.3f}); {row['compile_s']} s",
+        flush=True,
+    )
     return row
 
 
@@ -82,13 +101,18 @@ def _append(path: Path, row: dict) -> None:
 
 def gradcache(out: Path, batches: list[int], chunk: int) -> None:
     for fsdp in (1, 8):
-        _append(out, _plan_row(f"minilm b128 fsdp{fsdp}", None, MINILM + ["optim.batch_size=128"], 8, fsdp,
-                               part="fsdp"))
+        _append(
+            out, _plan_row(f"minilm b128 fsdp{fsdp}", None, MINILM + ["optim.batch_size=128"], 8, fsdp, part="fsdp")
+        )
     for b in batches:
         for gc in (None, min(chunk, b)):
             ov = MINILM + [f"optim.batch_size={b}"] + ([f"optim.grad_cache_chunk={gc}"] if gc else [])
-            _append(out, _plan_row(f"minilm b{b} {'gc' + str(gc) if gc else 'plain'}", None, ov, 8, 1,
-                                   part="gradcache", batch=b))
+            _append(
+                out,
+                _plan_row(
+                    f"minilm b{b} {'gc' + str(gc) if gc else 'plain'}", None, ov, 8, 1, part="gradcache", batch=b
+                ),
+            )
 
 
 def table(out: Path, only: list[str]) -> None:
@@ -111,31 +135,43 @@ def report(paths: list[Path]) -> str:
     out = []
     fsdp = [r for r in rows if r.get("part") == "fsdp"]
     if fsdp:
-        out += ["| all-MiniLM-L6-v2, batch 128, 8 devices | params | optimizer | temp | arguments | peak |",
-                "|---|---|---|---|---|---|"]
-        out += [f"| fsdp {r['fsdp']} | {r['param_bytes'] / 2**20:.1f} MiB | {r['optimizer_bytes'] / 2**20:.1f} MiB | "
-                f"{r['temp_bytes'] / 2**20:.1f} MiB | {r['argument_bytes'] / 2**20:.1f} MiB | "
-                f"{r['peak_bytes'] / 2**20:.1f} MiB |" for r in fsdp]
+        out += [
+            "| all-MiniLM-L6-v2, batch 128, 8 devices | params | optimizer | temp | arguments | peak |",
+            "|---|---|---|---|---|---|",
+        ]
+        out += [
+            f"| fsdp {r['fsdp']} | {r['param_bytes'] / 2**20:.1f} MiB | {r['optimizer_bytes'] / 2**20:.1f} MiB | "
+            f"{r['temp_bytes'] / 2**20:.1f} MiB | {r['argument_bytes'] / 2**20:.1f} MiB | "
+            f"{r['peak_bytes'] / 2**20:.1f} MiB |"
+            for r in fsdp
+        ]
         out.append("")
     gc = [r for r in rows if r.get("part") == "gradcache"]
     if gc:
         by_batch: dict[int, dict] = {}
         for r in gc:
             by_batch.setdefault(r["batch"], {})["gc" if r["grad_cache_chunk"] else "plain"] = r
-        out += [f"| global batch | plain peak GiB/device | GradCache peak GiB/device (chunk) | "
-                f"fits {BUDGET_GIB:g} GiB: plain / GradCache |", "|---|---|---|---|"]
+        out += [
+            f"| global batch | plain peak GiB/device | GradCache peak GiB/device (chunk) | "
+            f"fits {BUDGET_GIB:g} GiB: plain / GradCache |",
+            "|---|---|---|---|",
+        ]
         for b in sorted(by_batch):
             p, c = by_batch[b].get("plain"), by_batch[b].get("gc")
             fit = lambda r: "-" if r is None else ("yes" if r["peak_bytes"] <= BUDGET_GIB * GiB else "no")
-            out.append(f"| {b} | {g(p['peak_bytes']) if p else '-'} | "
-                       f"{(g(c['peak_bytes']) + ' (' + str(c['grad_cache_chunk']) + ')') if c else '-'} | "
-                       f"{fit(p)} / {fit(c)} |")
+            out.append(
+                f"| {b} | {g(p['peak_bytes']) if p else '-'} | "
+                f"{(g(c['peak_bytes']) + ' (' + str(c['grad_cache_chunk']) + ')') if c else '-'} | "
+                f"{fit(p)} / {fit(c)} |"
+            )
         out.append("")
     tab = [r for r in rows if r.get("part") == "table"]
     if tab:
-        out += ["| model, options | devices (fsdp) | params | optimizer | temp | peak GiB/device | "
-                f"fits 8x{GPU_GIB} GB GPU | fits TPU v5e ({V5E_GIB} GB) | TFLOP/device/step | compile s |",
-                "|---|---|---|---|---|---|---|---|---|---|"]
+        out += [
+            "| model, options | devices (fsdp) | params | optimizer | temp | peak GiB/device | "
+            f"fits 8x{GPU_GIB} GB GPU | fits TPU v5e ({V5E_GIB} GB) | TFLOP/device/step | compile s |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in tab:
             peak = r["peak_bytes"] / 1e9
             out.append(
@@ -143,7 +179,8 @@ def report(paths: list[Path]) -> str:
                 f"{g(r['temp_bytes'])} | {g(r['peak_bytes'])} | "
                 f"{('yes' if peak <= GPU_GIB else 'no') if r['devices'] == 8 else '-'} | "
                 f"{'yes' if peak <= V5E_GIB else 'no'} (v5e-{r['devices']}) | {r['flops'] / 1e12:.1f} | "
-                f"{r['compile_s']} |")
+                f"{r['compile_s']} |"
+            )
     return "\n".join(out)
 
 

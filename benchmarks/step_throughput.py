@@ -86,11 +86,18 @@ def parse_args(argv=None):
     p.add_argument("--dropout", action="store_true", help="train mode with dropout on both sides")
     p.add_argument("--variant", default="default", help="which opera-jax step: " + ", ".join(VARIANTS))
     p.add_argument("--sides", default="jax,torch", help="comma list of jax, torch")
-    p.add_argument("--torch-hugepages", action="store_true",
-                   help="give the PyTorch child malloc on huge pages too (opera_jax/cpu/host_memory.py)")
+    p.add_argument(
+        "--torch-hugepages",
+        action="store_true",
+        help="give the PyTorch child malloc on huge pages too (opera_jax/cpu/host_memory.py)",
+    )
     p.add_argument("--compile-cache", default=None, help="also run a JAX child that loads the compiled step")
-    p.add_argument("--rounds", type=int, default=1,
-                   help="run the two children this many times, alternately; ratios: medians over the rounds")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run the two children this many times, alternately; ratios: medians over the rounds",
+    )
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--batch-file", default=None, help=argparse.SUPPRESS)
@@ -120,6 +127,7 @@ def shape_of(name: str) -> tuple[int, int, int, int]:
 
 # ---------------------------------------------------------------- the batch
 
+
 def make_batch(args) -> dict:
     """SciFact queries and passages, tokenised and cut to the shape. Query i's group: passages i*G.. ."""
     import numpy as np
@@ -138,14 +146,18 @@ def make_batch(args) -> dict:
     q_ids, q_mask = qt.batch(np.arange(nq), lq)
     p_ids, p_mask = pt.batch(np.arange(nq * g), lp)
     return {
-        "query_input_ids": q_ids, "query_attention_mask": q_mask,
-        "passage_input_ids": p_ids, "passage_attention_mask": p_mask,
-        "pair": np.arange(nq, dtype=np.int32), "query": np.arange(nq, dtype=np.int32),
+        "query_input_ids": q_ids,
+        "query_attention_mask": q_mask,
+        "passage_input_ids": p_ids,
+        "passage_attention_mask": p_mask,
+        "pair": np.arange(nq, dtype=np.int32),
+        "query": np.arange(nq, dtype=np.int32),
         "weight": np.ones(nq, np.float32),
     }
 
 
 # ---------------------------------------------------------------- memory
+
 
 def _status_kb(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -160,9 +172,11 @@ def _mb(kb: int) -> float:
 
 def _kernel_per_step(r0, steps: int) -> dict:
     r1 = resource.getrusage(resource.RUSAGE_SELF)
-    return {"minor_faults_per_step": (r1.ru_minflt - r0.ru_minflt) // steps,
-            "sys_s_per_step": round((r1.ru_stime - r0.ru_stime) / steps, 3),
-            "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}
+    return {
+        "minor_faults_per_step": (r1.ru_minflt - r0.ru_minflt) // steps,
+        "sys_s_per_step": round((r1.ru_stime - r0.ru_stime) / steps, 3),
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
+    }
 
 
 def _pin(threads: int) -> None:
@@ -189,6 +203,7 @@ def _measure(run, args) -> dict:
         **_kernel_per_step(r0, args.steps),
     }
 
+
 def jax_step(args, batch):
     """Our side: the model, state and jitted step as the trainer builds them, in ``args.variant``.
     Returns ``(step, state, batch on the device)``; ``step(state, batch)`` donates the state."""
@@ -207,8 +222,9 @@ def jax_step(args, batch):
     model = load_encoder(args.model, precision=precision, remat=opts.pop("remat", False)).model
     model.train() if args.dropout else model.eval()
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    opt = make_optimizer(LR, 1000, warmup_ratio=0.0, weight_decay=WEIGHT_DECAY,
-                         max_grad_norm=MAX_GRAD_NORM, schedule="constant")
+    opt = make_optimizer(
+        LR, 1000, warmup_ratio=0.0, weight_decay=WEIGHT_DECAY, max_grad_norm=MAX_GRAD_NORM, schedule="constant"
+    )
     state = init_state(params, opt, seed=0)
     return make_train_step(graphdef, rest, opt, TEMPERATURE, **opts), state, jax.device_put(batch)
 
@@ -270,14 +286,18 @@ def torch_step(args, batch):
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = BertModel.from_pretrained(str(resolve_model_dir(args.model)), attn_implementation="sdpa",
-                                      add_pooling_layer=False)
+    model = BertModel.from_pretrained(
+        str(resolve_model_dir(args.model)), attn_implementation="sdpa", add_pooling_layer=False
+    )
     model.train() if args.dropout else model.eval()
     decay = [p for n, p in model.named_parameters() if n.endswith("weight") and "LayerNorm" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (n.endswith("weight") and "LayerNorm" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": WEIGHT_DECAY},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=LR, betas=(0.9, 0.999), eps=1e-8)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=LR,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+    )
     tb = {k: torch.from_numpy(v) for k, v in batch.items()}
     q_ids, q_mask = tb["query_input_ids"].long(), tb["query_attention_mask"].long()
     p_ids, p_mask = tb["passage_input_ids"].long(), tb["passage_attention_mask"].long()
@@ -333,25 +353,46 @@ def run_child(args) -> None:
     nq = batch["query_input_ids"].shape[0]
     med = statistics.median(result["times_s"])
     cpu = statistics.median(result["cpu_times_s"])
-    result.update({
-        "median_step_s": round(med, 4),
-        "examples_per_s": round(nq / med, 3),
-        "median_step_cpu_s": round(cpu, 4),
-        "examples_per_cpu_s": round(nq / cpu, 3),
-        "peak_rss_mb": _mb(_status_kb("VmHWM")),
-        "cpus": sorted(os.sched_getaffinity(0)),
-    })
+    result.update(
+        {
+            "median_step_s": round(med, 4),
+            "examples_per_s": round(nq / med, 3),
+            "median_step_cpu_s": round(cpu, 4),
+            "examples_per_cpu_s": round(nq / cpu, 3),
+            "peak_rss_mb": _mb(_status_kb("VmHWM")),
+            "cpus": sorted(os.sched_getaffinity(0)),
+        }
+    )
     Path(args.result_file).write_text(json.dumps(result))
 
 
 # ---------------------------------------------------------------- the parent
 
+
 def spawn(args, side: str, batch_file: str, tmp: str, compile_cache: str | None = None) -> dict:
     result_file = os.path.join(tmp, f"{side}.json")
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", side, "--batch-file", batch_file,
-           "--result-file", result_file, "--model", args.model, "--shape", args.shape,
-           "--threads", str(args.threads), "--warmup", str(args.warmup), "--steps", str(args.steps),
-           "--variant", args.variant]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--child",
+        side,
+        "--batch-file",
+        batch_file,
+        "--result-file",
+        result_file,
+        "--model",
+        args.model,
+        "--shape",
+        args.shape,
+        "--threads",
+        str(args.threads),
+        "--warmup",
+        str(args.warmup),
+        "--steps",
+        str(args.steps),
+        "--variant",
+        args.variant,
+    ]
     if args.dropout:
         cmd.append("--dropout")
     if compile_cache:
@@ -416,19 +457,35 @@ def main(argv=None) -> dict:
         ratios = [_ratios(one) for one in rounds]
         results["ratio"] = {k: round(statistics.median(r[k] for r in ratios), 3) for k in ratios[0]}
         if len(rounds) > 1:  # each round's figures, in the order they ran
-            results["rounds"] = [{"jax_step_s": one["jax"]["median_step_s"], "torch_step_s": one["torch"]["median_step_s"],
-                                  "jax_peak_rss_mb": one["jax"]["peak_rss_mb"],
-                                  "torch_peak_rss_mb": one["torch"]["peak_rss_mb"], **r}
-                                 for one, r in zip(rounds, ratios)]
+            results["rounds"] = [
+                {
+                    "jax_step_s": one["jax"]["median_step_s"],
+                    "torch_step_s": one["torch"]["median_step_s"],
+                    "jax_peak_rss_mb": one["jax"]["peak_rss_mb"],
+                    "torch_peak_rss_mb": one["torch"]["peak_rss_mb"],
+                    **r,
+                }
+                for one, r in zip(rounds, ratios)
+            ]
         if "jax_cached" in results:
             c, t = results["jax_cached"], results["torch"]
             results["ratio"]["throughput_cached"] = round(c["examples_per_s"] / t["examples_per_s"], 3)
             results["ratio"]["memory_cached"] = round(c["peak_rss_mb"] / t["peak_rss_mb"], 3)
     nq, lq, g, lp = shape_of(args.shape)
     results["setup"] = {
-        "model": args.model, "shape": args.shape, "queries": nq, "query_len": lq, "group": g,
-        "passage_len": lp, "threads": args.threads, "dropout": args.dropout, "variant": args.variant,
-        "warmup": args.warmup, "steps": args.steps, "rounds": args.rounds, "torch_hugepages": args.torch_hugepages,
+        "model": args.model,
+        "shape": args.shape,
+        "queries": nq,
+        "query_len": lq,
+        "group": g,
+        "passage_len": lp,
+        "threads": args.threads,
+        "dropout": args.dropout,
+        "variant": args.variant,
+        "warmup": args.warmup,
+        "steps": args.steps,
+        "rounds": args.rounds,
+        "torch_hugepages": args.torch_hugepages,
         "query_tokens": int(batch["query_attention_mask"].sum()),
         "passage_tokens": int(batch["passage_attention_mask"].sum()),
     }

@@ -62,7 +62,9 @@ def parse_args(argv=None):
         if not setup_file.exists():
             p.error(f"--add-seeds: {setup_file} not found (run the full command once first)")
         saved = json.loads(setup_file.read_text())
-        seeds = _seed_list(saved["seeds"]) + [s for s in _seed_list(args.add_seeds) if s not in _seed_list(saved["seeds"])]
+        seeds = _seed_list(saved["seeds"]) + [
+            s for s in _seed_list(args.add_seeds) if s not in _seed_list(saved["seeds"])
+        ]
         args = argparse.Namespace(**{**saved, "seeds": ",".join(map(str, seeds)), "out": args.out, "add_seeds": None})
     else:
         missing = [f"--{k}" for k in ("data", "model", "eval_every") if getattr(args, k) is None]
@@ -73,7 +75,8 @@ def parse_args(argv=None):
         if setup_file.exists():
             saved = json.loads(setup_file.read_text())
             same = {k: v for k, v in saved.items() if k != "seeds"} == {
-                k: v for k, v in _setup_of(args).items() if k != "seeds"}
+                k: v for k, v in _setup_of(args).items() if k != "seeds"
+            }
             if not same:
                 p.error(f"{args.out} holds runs of another setup ({setup_file}); use a new --out")
     return args
@@ -84,8 +87,10 @@ def _seed_list(text: str) -> list[int]:
 
 
 def _setup_of(args) -> dict:
-    return {k: getattr(args, k) for k in ("data", "model", "methods", "max_steps", "passes", "eval_every", "seeds",
-                                          "config", "overrides")}
+    return {
+        k: getattr(args, k)
+        for k in ("data", "model", "methods", "max_steps", "passes", "eval_every", "seeds", "config", "overrides")
+    }
 
 
 def run_all(args) -> dict[str, dict[int, list[dict]]]:
@@ -102,14 +107,25 @@ def run_all(args) -> dict[str, dict[int, list[dict]]]:
     from opera_jax.io_utils import write_json
 
     write_json(args.out / "setup.json", _setup_of(args))
-    budget = ([f"optim.max_steps={args.max_steps}", f"train.checkpoint_every={args.max_steps}"]
-              if args.passes is None else [f"optim.max_epochs={args.passes}", "train.checkpoint_every=0"])
+    budget = (
+        [f"optim.max_steps={args.max_steps}", f"train.checkpoint_every={args.max_steps}"]
+        if args.passes is None
+        else [f"optim.max_epochs={args.passes}", "train.checkpoint_every=0"]
+    )
     for seed in seeds:
         for method in trained:
-            config = load_config(args.config, [
-                *args.overrides, f"data.path={args.data}", f"model.name={args.model}", f"method.name={method}",
-                f"seed={seed}", f"train.eval_every={args.eval_every}", *budget,
-            ])
+            config = load_config(
+                args.config,
+                [
+                    *args.overrides,
+                    f"data.path={args.data}",
+                    f"model.name={args.model}",
+                    f"method.name={method}",
+                    f"seed={seed}",
+                    f"train.eval_every={args.eval_every}",
+                    *budget,
+                ],
+            )
             workdir = args.out / "runs" / f"{method}-seed{seed}"
             metrics = workdir / "metrics.jsonl"
             done = metrics.exists() and (workdir / "run.trec").exists()  # written by the final evaluation only
@@ -130,29 +146,53 @@ def _seconds(row: dict, method: str) -> float:
 def summarise(rows: dict, args) -> dict:
     from opera_jax.eval.metrics import per_query, read_trec_run
 
-    out = {"setup": {"data": args.data, "model": args.model, "max_steps": args.max_steps,
-                     "passes": getattr(args, "passes", None), "config": args.config,
-                     "eval_every": args.eval_every, "seeds": sorted(next(iter(rows.values()))),
-                     "overrides": args.overrides},
-           "methods": {}}
+    out = {
+        "setup": {
+            "data": args.data,
+            "model": args.model,
+            "max_steps": args.max_steps,
+            "passes": getattr(args, "passes", None),
+            "config": args.config,
+            "eval_every": args.eval_every,
+            "seeds": sorted(next(iter(rows.values()))),
+            "overrides": args.overrides,
+        },
+        "methods": {},
+    }
     for method, by_seed in rows.items():
         seeds = sorted(by_seed)
         steps = [r["step"] for r in by_seed[seeds[0]]]
         curve = []
         for i, step in enumerate(steps):
             pts = [by_seed[s][i] for s in seeds]
-            curve.append({"step": step, "seconds": float(np.mean([_seconds(p, method) for p in pts])),
-                          "examples_seen": pts[0]["examples_seen"],
-                          **{k: float(np.mean([p[k] for p in pts])) for k in HEADLINE},
-                          **{f"{k}_min": float(np.min([p[k] for p in pts])) for k in HEADLINE},
-                          **{f"{k}_max": float(np.max([p[k] for p in pts])) for k in HEADLINE}})
+            curve.append(
+                {
+                    "step": step,
+                    "seconds": float(np.mean([_seconds(p, method) for p in pts])),
+                    "examples_seen": pts[0]["examples_seen"],
+                    **{k: float(np.mean([p[k] for p in pts])) for k in HEADLINE},
+                    **{f"{k}_min": float(np.min([p[k] for p in pts])) for k in HEADLINE},
+                    **{f"{k}_max": float(np.max([p[k] for p in pts])) for k in HEADLINE},
+                }
+            )
         finals = [by_seed[s][-1] for s in seeds]
         out["methods"][method] = {
             "curve": curve,
-            "per_seed": {s: [{"step": r["step"], "seconds": _seconds(r, method), **{k: r[k] for k in HEADLINE}}
-                             for r in by_seed[s]] for s in seeds},
-            "final": {k: {"mean": float(np.mean([f[k] for f in finals])), "std": float(np.std([f[k] for f in finals])),
-                          "per_seed": [f[k] for f in finals]} for k in HEADLINE},
+            "per_seed": {
+                s: [
+                    {"step": r["step"], "seconds": _seconds(r, method), **{k: r[k] for k in HEADLINE}}
+                    for r in by_seed[s]
+                ]
+                for s in seeds
+            },
+            "final": {
+                k: {
+                    "mean": float(np.mean([f[k] for f in finals])),
+                    "std": float(np.std([f[k] for f in finals])),
+                    "per_seed": [f[k] for f in finals],
+                }
+                for k in HEADLINE
+            },
             "train_seconds": float(np.mean([_seconds(f, method) for f in finals])),
             "compile_seconds": float(np.mean([f.get("compile_seconds", 0.0) for f in finals])),
             "final_step": finals[0]["step"],
@@ -164,7 +204,8 @@ def summarise(rows: dict, args) -> dict:
             trained = method != "pretrain"
             res["time_to_basic_final_ndcg@10"] = time_to_target(res["curve"], target) if trained else None
             res["time_to_basic_final_ndcg@10_per_seed"] = (
-                {s: time_to_target(c, target) for s, c in res["per_seed"].items()} if trained else None)
+                {s: time_to_target(c, target) for s, c in res["per_seed"].items()} if trained else None
+            )
         split = _evaluation_split(args, rows)
         base = _per_query_runs(args, "basic", split, per_query, read_trec_run)
         for method in out["methods"]:
@@ -208,8 +249,13 @@ def _paired(a: np.ndarray, b: np.ndarray, rounds: int = 10000) -> dict:
     rng = np.random.default_rng(0)
     flips = rng.choice([-1.0, 1.0], size=(rounds, len(d)))
     null = np.abs((flips * d).mean(axis=1))
-    return {"mean_diff": float(d.mean()), "wins": int((d > 0).sum()), "ties": int((d == 0).sum()),
-            "losses": int((d < 0).sum()), "p_value": float((null >= abs(d.mean()) - 1e-12).mean())}
+    return {
+        "mean_diff": float(d.mean()),
+        "wins": int((d > 0).sum()),
+        "ties": int((d == 0).sum()),
+        "losses": int((d < 0).sum()),
+        "p_value": float((null >= abs(d.mean()) - 1e-12).mean()),
+    }
 
 
 def plot(results: dict, path: Path) -> None:
@@ -229,8 +275,9 @@ def plot(results: dict, path: Path) -> None:
                 continue
             x = [p["seconds"] for p in res["curve"]]
             ax.plot(x, [p[key] for p in res["curve"]], marker="o", ms=3, label=method)
-            ax.fill_between(x, [p[f"{key}_min"] for p in res["curve"]], [p[f"{key}_max"] for p in res["curve"]],
-                            alpha=0.15)
+            ax.fill_between(
+                x, [p[f"{key}_min"] for p in res["curve"]], [p[f"{key}_max"] for p in res["curve"]], alpha=0.15
+            )
         ax.set_xlabel("training wall-clock (s)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
@@ -247,13 +294,15 @@ def _fmt_s(v) -> str:
 
 
 def _fmt_paired(paired) -> str:
-    return "-" if paired is None else "%+.4f, p=%.3f" % (paired["mean_diff"], paired["p_value"])
+    return "-" if paired is None else f"{paired['mean_diff']:+.4f}, p={paired['p_value']:.3f}"
 
 
 def table(results: dict) -> str:
-    lines = ["| method | NDCG@10 | Recall@20 | train s | compile s | time to basic's final NDCG@10: mean curve "
-             "(per seed) | paired vs basic NDCG@10 | paired vs basic Recall@20 |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| method | NDCG@10 | Recall@20 | train s | compile s | time to basic's final NDCG@10: mean curve "
+        "(per seed) | paired vs basic NDCG@10 | paired vs basic Recall@20 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for method, res in results["methods"].items():
         f = res["final"]
         per_seed = res.get("time_to_basic_final_ndcg@10_per_seed") or {}
@@ -264,7 +313,8 @@ def table(results: dict) -> str:
             f"| {f['recall@20']['mean']:.4f} ± {f['recall@20']['std']:.4f} | {res['train_seconds']:.0f} "
             f"| {res.get('compile_seconds', 0.0):.0f} "
             f"| {_fmt_s(res.get('time_to_basic_final_ndcg@10'))}{f' ({seeds})' if seeds else ''} "
-            f"| {_fmt_paired(paired.get('ndcg@10'))} | {_fmt_paired(paired.get('recall@20'))} |")
+            f"| {_fmt_paired(paired.get('ndcg@10'))} | {_fmt_paired(paired.get('recall@20'))} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -274,10 +324,14 @@ def cross_collection(results: list[dict]) -> dict:
     per = {}
     for r in results:
         name = r["setup"]["data"]
-        per[name] = {m: {**{k: {"mean": res["final"][k]["mean"], "std": res["final"][k]["std"]} for k in HEADLINE},
-                         "seeds": len(res["final"]["ndcg@10"]["per_seed"]),
-                         "paired_vs_basic": res.get("paired_vs_basic")}
-                     for m, res in r["methods"].items()}
+        per[name] = {
+            m: {
+                **{k: {"mean": res["final"][k]["mean"], "std": res["final"][k]["std"]} for k in HEADLINE},
+                "seeds": len(res["final"]["ndcg@10"]["per_seed"]),
+                "paired_vs_basic": res.get("paired_vs_basic"),
+            }
+            for m, res in r["methods"].items()
+        }
     methods = list(dict.fromkeys(m for c in per.values() for m in c))
     mean = {}
     for m in methods:
@@ -290,20 +344,25 @@ def cross_collection(results: list[dict]) -> dict:
 
 
 def report_table(rep: dict) -> str:
-    lines = ["| collection | method | seeds | NDCG@10 | Recall@20 | paired vs basic NDCG@10 | "
-             "paired vs basic Recall@20 |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| collection | method | seeds | NDCG@10 | Recall@20 | paired vs basic NDCG@10 | paired vs basic Recall@20 |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, methods in rep["collections"].items():
         for m, r in methods.items():
             p = r["paired_vs_basic"] or {}
-            lines.append(f"| {name} | {m} | {r['seeds']} | {r['ndcg@10']['mean']:.4f} ± {r['ndcg@10']['std']:.4f} "
-                         f"| {r['recall@20']['mean']:.4f} ± {r['recall@20']['std']:.4f} "
-                         f"| {_fmt_paired(p.get('ndcg@10'))} | {_fmt_paired(p.get('recall@20'))} |")
+            lines.append(
+                f"| {name} | {m} | {r['seeds']} | {r['ndcg@10']['mean']:.4f} ± {r['ndcg@10']['std']:.4f} "
+                f"| {r['recall@20']['mean']:.4f} ± {r['recall@20']['std']:.4f} "
+                f"| {_fmt_paired(p.get('ndcg@10'))} | {_fmt_paired(p.get('recall@20'))} |"
+            )
     for m, r in rep["mean"].items():
         d = r.get("mean_diff_vs_basic")
         diff = "-" if d is None else f"{d['ndcg@10']:+.4f}"
         diff_r = "-" if d is None else f"{d['recall@20']:+.4f}"
-        lines.append(f"| mean of {r['collections']} | {m} | | {r['ndcg@10']:.4f} | {r['recall@20']:.4f} "
-                     f"| {diff} | {diff_r} |")
+        lines.append(
+            f"| mean of {r['collections']} | {m} | | {r['ndcg@10']:.4f} | {r['recall@20']:.4f} | {diff} | {diff_r} |"
+        )
     return "\n".join(lines) + "\n"
 
 

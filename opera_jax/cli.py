@@ -45,11 +45,16 @@ def _train(args: argparse.Namespace) -> None:
 
     if jax.process_index() != 0:  # one line per job, not per process
         return
-    scores = (f"ndcg@10 {result['ndcg@10']:.4f} recall@20 {result['recall@20']:.4f}"
-              if "ndcg@10" in result else "no evaluation logged")
+    scores = (
+        f"ndcg@10 {result['ndcg@10']:.4f} recall@20 {result['recall@20']:.4f}"
+        if "ndcg@10" in result
+        else "no evaluation logged"
+    )
     if finished:
-        print(f"{out}: this run already finished (step {result.get('step', '?')}: {scores}); nothing to do "
-              "(--new-run discards it and trains again)")
+        print(
+            f"{out}: this run already finished (step {result.get('step', '?')}: {scores}); nothing to do "
+            "(--new-run discards it and trains again)"
+        )
     else:
         print(f"final: {scores}; outputs in {out}")
 
@@ -70,8 +75,10 @@ def _mine(args: argparse.Namespace) -> None:
     mesh = make_mesh()
     result = mine(config, prepare(config, mesh, progress=True), mesh, progress=True, path=args.out)
     counts = result.counts
-    print(f"{len(counts)} queries, {int(counts.sum())} negatives (min {counts.min()}, max {counts.max()} per query); "
-          f"wrote {args.out}")
+    print(
+        f"{len(counts)} queries, {int(counts.sum())} negatives (min {counts.min()}, max {counts.max()} per query); "
+        f"wrote {args.out}"
+    )
 
 
 def _prune(args: argparse.Namespace) -> None:
@@ -86,14 +93,24 @@ def _prune(args: argparse.Namespace) -> None:
     mesh = make_mesh()
     setup, d, sp = prepare(config, mesh), config.data, config.method.sp
     check_sp_keeps(sp.kept_pct, setup.ts.num_pairs, d.train_split)
-    scores = pair_similarities(setup.encoder.model, setup.ts, setup.query_tokens, setup.doc_tokens,
-                               query_max_len=d.query_max_len, passage_max_len=d.passage_max_len,
-                               batch_size=d.eval_batch_size, padding_side=setup.encoder.spec.padding_side, mesh=mesh)
+    scores = pair_similarities(
+        setup.encoder.model,
+        setup.ts,
+        setup.query_tokens,
+        setup.doc_tokens,
+        query_max_len=d.query_max_len,
+        passage_max_len=d.passage_max_len,
+        batch_size=d.eval_batch_size,
+        padding_side=setup.encoder.spec.padding_side,
+        mesh=mesh,
+    )
     keep = kept_pairs(scores, sp.kept_pct, sp.mode, config.seed)
     write_kept_pairs(args.out, setup.ts, setup.train_split.corpus.ids, scores, keep)
     kept_queries = len(set(setup.ts.pair_query[keep].tolist()))
-    print(f"kept {int(keep.sum())} of {len(keep)} pairs ({sp.mode}, kept_pct {sp.kept_pct}); "
-          f"{kept_queries} of {setup.ts.num_queries} queries keep a pair; wrote {args.out}")
+    print(
+        f"kept {int(keep.sum())} of {len(keep)} pairs ({sp.mode}, kept_pct {sp.kept_pct}); "
+        f"{kept_queries} of {setup.ts.num_queries} queries keep a pair; wrote {args.out}"
+    )
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -133,7 +150,8 @@ def _positive(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="opera-jax", description="Finetune dense retrievers in JAX, with OPERA data pruning.")
+        prog="opera-jax", description="Finetune dense retrievers in JAX, with OPERA data pruning."
+    )
     from opera_jax import __version__
 
     parser.add_argument("--version", action="version", version=f"opera-jax {__version__}")
@@ -147,8 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=_positive, default=128, help="texts per encoder batch (default: 128)")
     ev.add_argument("--max-query-len", type=_positive, default=None, help="query tokens (default: the model's max)")
     ev.add_argument("--max-passage-len", type=_positive, default=None, help="passage tokens (default: the model's max)")
-    ev.add_argument("--empty", choices=("error", "skip"), default="error",
-                    help="an empty query or document: stop with an error, or skip it and count")
+    ev.add_argument(
+        "--empty",
+        choices=("error", "skip"),
+        default="error",
+        help="an empty query or document: stop with an error, or skip it and count",
+    )
     ev.set_defaults(func=_eval)
 
     tr = sub.add_parser("train", help="finetune a retriever (basic, sp, dp or infobatch) from a YAML config")
@@ -157,9 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--out", type=Path, default=None, help="run directory (default: runs/<config name>)")
     tr.add_argument("--max-steps", type=_positive, default=None, help="override optim.max_steps")
     tr.add_argument("--eval-every", type=int, default=None, help="override train.eval_every (0: only at the end)")
-    tr.add_argument("--new-run", action="store_true",
-                    help="--out holds a run of another config: discard it (checkpoints, logs, model) and start "
-                         "over. Without it the same config resumes, and a different one is refused")
+    tr.add_argument(
+        "--new-run",
+        action="store_true",
+        help="--out holds a run of another config: discard it (checkpoints, logs, model) and start "
+        "over. Without it the same config resumes, and a different one is refused",
+    )
     tr.set_defaults(func=_train)
 
     mi = sub.add_parser("mine", help="mine hard negatives for a config's training data")
@@ -178,17 +203,27 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("run", type=Path, help="the run directory (holds config.yaml and checkpoints/)")
     ex.add_argument("--out", type=Path, required=True)
     ex.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
-    ex.add_argument("--push-to-hub", metavar="NAME", default=None,
-                    help="also upload the export to the Hugging Face hub as NAME (owner/model)")
+    ex.add_argument(
+        "--push-to-hub",
+        metavar="NAME",
+        default=None,
+        help="also upload the export to the Hugging Face hub as NAME (owner/model)",
+    )
     ex.add_argument("--private", action="store_true", help="with --push-to-hub: create a private repository")
     ex.set_defaults(func=_export)
 
     pl = sub.add_parser("plan", help="per-device memory and FLOPs of a config's train step (compiled, no weights)")
     pl.add_argument("config", help="YAML config")
     pl.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model.remat=full optim.batch_size=256")
-    pl.add_argument("--devices", type=_positive, default=8, help="devices in the mesh, simulated on the CPU (default: 8)")
-    pl.add_argument("--fsdp", type=_positive, default=None,
-                    help="devices that split parameters and optimizer state (default: the config's mesh.fsdp)")
+    pl.add_argument(
+        "--devices", type=_positive, default=8, help="devices in the mesh, simulated on the CPU (default: 8)"
+    )
+    pl.add_argument(
+        "--fsdp",
+        type=_positive,
+        default=None,
+        help="devices that split parameters and optimizer state (default: the config's mesh.fsdp)",
+    )
     pl.add_argument("--json", type=Path, default=None, help="also write the figures as JSON here")
     pl.set_defaults(func=_plan)
     return parser

@@ -253,8 +253,9 @@ def _unknown_key(path: str, label: str) -> InputError:
     """The error for an unknown dotted key, suggesting the closest valid one (same section first)."""
     parent = path.rpartition(".")[0]
     siblings = [p for p in _paths() if p.rpartition(".")[0] == parent]
-    close = (difflib.get_close_matches(path, siblings, n=1, cutoff=0.6)
-             or difflib.get_close_matches(path, list(_paths()), n=1, cutoff=0.6))
+    close = difflib.get_close_matches(path, siblings, n=1, cutoff=0.6) or difflib.get_close_matches(
+        path, list(_paths()), n=1, cutoff=0.6
+    )
     hint = f" (did you mean '{close[0]}'?)" if close else ""
     return InputError(f"{label}: unknown key '{path}'{hint}")
 
@@ -339,15 +340,21 @@ def _validate(config: Config, label_of: Callable[[str], str]) -> None:
             raise InputError(f"{label_of(path)}: {path} must be {what}, got {flat[path]!r}")
     m = config.mining
     if m.rank_start >= m.rank_end:
-        raise InputError(f"{label_of('mining.rank_end')}: mining.rank_start ({m.rank_start}) must be below "
-                         f"mining.rank_end ({m.rank_end})")
+        raise InputError(
+            f"{label_of('mining.rank_end')}: mining.rank_start ({m.rank_start}) must be below "
+            f"mining.rank_end ({m.rank_end})"
+        )
     if isinstance(config.model.remat, str) and config.model.remat not in REMAT_POLICIES:
-        raise InputError(f"{label_of('model.remat')}: model.remat is {config.model.remat!r}, not one of "
-                         f"{', '.join(REMAT_POLICIES)} (or true / false)")
+        raise InputError(
+            f"{label_of('model.remat')}: model.remat is {config.model.remat!r}, not one of "
+            f"{', '.join(REMAT_POLICIES)} (or true / false)"
+        )
     o = config.optim
     if o.grad_cache_chunk is not None and o.batch_size % o.grad_cache_chunk:
-        raise InputError(f"{label_of('optim.grad_cache_chunk')}: optim.grad_cache_chunk ({o.grad_cache_chunk}) "
-                         f"must divide optim.batch_size ({o.batch_size})")
+        raise InputError(
+            f"{label_of('optim.grad_cache_chunk')}: optim.grad_cache_chunk ({o.grad_cache_chunk}) "
+            f"must divide optim.batch_size ({o.batch_size})"
+        )
 
 
 # ----------------------------------------------------------------------------- YAML
@@ -362,7 +369,8 @@ class _StrictLoader(yaml.SafeLoader):
             key = self.construct_object(key_node, deep=True)
             if isinstance(key, typing.Hashable) and key in seen:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r} (first on line {seen[key].line + 1})", key_node.start_mark)
+                    None, None, f"duplicate key {key!r} (first on line {seen[key].line + 1})", key_node.start_mark
+                )
             seen[key] = key_node.start_mark
         return super().construct_mapping(node, deep)
 
@@ -418,8 +426,11 @@ def _parse_override(item: str) -> tuple[str, Any]:
     hint = _paths().get(key)
     if hint is None:
         raise _unknown_key(key, label)
-    text_field = hint is str or (typing.get_origin(hint) in (typing.Union, types.UnionType)
-                                 and str in typing.get_args(hint) and bool not in typing.get_args(hint))
+    text_field = hint is str or (
+        typing.get_origin(hint) in (typing.Union, types.UnionType)
+        and str in typing.get_args(hint)
+        and bool not in typing.get_args(hint)
+    )
     if text_field and raw.strip() not in ("null", "Null", "NULL", "~") and raw.strip()[:1] not in ("'", '"'):
         # a string field takes the text as written: ``data.path=2024`` is "2024", and
         # ``model.query_prefix=query: `` keeps its colon and trailing space

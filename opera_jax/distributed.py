@@ -34,8 +34,7 @@ HEARTBEAT_ENV = "OPERA_HEARTBEAT_S"  # seconds before the others give up on a si
 LOCAL_DEVICE_IDS_ENV = "JAX_LOCAL_DEVICE_IDS"
 
 
-def initialize(coordinator: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None) -> bool:
+def initialize(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None) -> bool:
     """Start ``jax.distributed`` when configured; returns whether it did."""
     coordinator = coordinator or os.environ.get(COORDINATOR_ENV)
     if coordinator is not None:

@@ -32,9 +32,14 @@ from opera_jax.data.tables import TrainData, hold_out, split_from_tables
 from opera_jax.errors import InputError
 
 ALIASES = {
-    "model": "model.name", "method": "method.name", "max_steps": "optim.max_steps",
-    "batch_size": "optim.batch_size", "learning_rate": "optim.learning_rate", "eval_every": "train.eval_every",
-    "group_size": "data.group_size", "seed": "seed",
+    "model": "model.name",
+    "method": "method.name",
+    "max_steps": "optim.max_steps",
+    "batch_size": "optim.batch_size",
+    "learning_rate": "optim.learning_rate",
+    "eval_every": "train.eval_every",
+    "group_size": "data.group_size",
+    "seed": "seed",
 }
 
 
@@ -45,8 +50,16 @@ class FinetuneResult:
     metrics: dict  # the final evaluation's row of metrics.jsonl ({} when not evaluated)
 
 
-def finetune(data: Any = None, *, config: Config | str | os.PathLike | None = None, out: str | os.PathLike | None = None,
-             eval_data: Any = None, validation: float = 0.1, progress: bool = True, **overrides: Any) -> FinetuneResult:
+def finetune(
+    data: Any = None,
+    *,
+    config: Config | str | os.PathLike | None = None,
+    out: str | os.PathLike | None = None,
+    eval_data: Any = None,
+    validation: float = 0.1,
+    progress: bool = True,
+    **overrides: Any,
+) -> FinetuneResult:
     """Finetune, evaluate and export, exactly as ``opera-jax train``; see the module docstring for ``data``."""
     from opera_jax.train.trainer import train_and_evaluate
 

@@ -92,14 +92,20 @@ class Plan:
             "of a GPU's or TPU's memory, not a measurement.",
         ]
         if self.backend == "cpu" and self.remat != "none":
-            lines.append("note: XLA:CPU's buffer assignment does not realise remat's savings (a 16-layer toy chain: "
-                         "392 MiB temp without jax.checkpoint, 512 MiB with), so temp with remat is an upper bound.")
+            lines.append(
+                "note: XLA:CPU's buffer assignment does not realise remat's savings (a 16-layer toy chain: "
+                "392 MiB temp without jax.checkpoint, 512 MiB with), so temp with remat is an upper bound."
+            )
         if self.grad_cache_chunk:
-            lines.append("note: XLA's cost analysis counts a loop body once, so GradCache's compiled FLOPs "
-                         "cover one chunk of each loop (the analytic figure is the whole step).")
+            lines.append(
+                "note: XLA's cost analysis counts a loop body once, so GradCache's compiled FLOPs "
+                "cover one chunk of each loop (the analytic figure is the whole step)."
+            )
         if self.source.startswith("architecture preset"):
-            lines.append(f"note: {self.model} could not be resolved offline; its shipped architecture preset "
-                         "was planned (shapes only, no weights).")
+            lines.append(
+                f"note: {self.model} could not be resolved offline; its shipped architecture preset "
+                "was planned (shapes only, no weights)."
+            )
         return "\n".join(lines)
 
 
@@ -116,8 +122,9 @@ def model_config(name: str) -> tuple[dict, str]:
     except InputError as error:
         preset = PRESETS / name / "config.json"
         if not preset.is_file() or ".." in Path(name).parts:
-            raise InputError(f"{error} (no architecture preset for {name!r} either: presets are "
-                             f"{', '.join(presets())})") from None
+            raise InputError(
+                f"{error} (no architecture preset for {name!r} either: presets are {', '.join(presets())})"
+            ) from None
         return json.loads(preset.read_text()), "architecture preset: the hub id could not be resolved offline"
     return json.loads((directory / "config.json").read_text()), str(directory)
 
@@ -133,8 +140,9 @@ def _bytes_per_device(tree) -> int:
     return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
-def analytic_flops(arch_config, architecture: str, tokens: int, lengths: list[tuple[int, int]],
-                   extra_forwards: int = 0) -> float:
+def analytic_flops(
+    arch_config, architecture: str, tokens: int, lengths: list[tuple[int, int]], extra_forwards: int = 0
+) -> float:
     """Matmul FLOPs of one step: ``6 N`` per token (forward 2, backward 4) for the
     non-embedding weights, plus attention's two ``L x L`` products per sequence;
     ``8 N`` when a second forward pass is made (full remat, or GradCache's re-encoding),
@@ -169,9 +177,11 @@ def plan(config: Config, devices: int, fsdp: int = 1) -> Plan:
     if devices < 1 or fsdp < 1 or devices % fsdp:
         raise InputError(f"--fsdp {fsdp} must divide --devices {devices}")
     if devices > jax.device_count():
-        raise InputError(f"{devices} devices asked for, {jax.device_count()} available (the CLI simulates them "
-                         "on the CPU; in Python set XLA_FLAGS=--xla_force_host_platform_device_count before "
-                         "importing jax)")
+        raise InputError(
+            f"{devices} devices asked for, {jax.device_count()} available (the CLI simulates them "
+            "on the CPU; in Python set XLA_FLAGS=--xla_force_host_platform_device_count before "
+            "importing jax)"
+        )
     m, d, o = config.model, config.data, config.optim
     if o.batch_size % devices:
         raise InputError(f"optim.batch_size {o.batch_size} must be a multiple of the {devices} devices")
@@ -188,15 +198,26 @@ def plan(config: Config, devices: int, fsdp: int = 1) -> Plan:
     pooling = m.pooling or ("last" if architecture == "qwen3" else "cls")
 
     def build():
-        backbone = arch.model_cls(arch_config, precision=precision, remat=m.remat, attention="xla",
-                                  rngs=nnx.Rngs(params=0, dropout=config.seed))
+        backbone = arch.model_cls(
+            arch_config,
+            precision=precision,
+            remat=m.remat,
+            attention="xla",
+            rngs=nnx.Rngs(params=0, dropout=config.seed),
+        )
         return Retriever(backbone, pooling, m.normalize if m.normalize is not None else True)
 
     model = nnx.eval_shape(build)  # shapes only: nothing allocated
     model.train()
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    optimizer = make_optimizer(o.learning_rate, o.max_steps, warmup_ratio=o.warmup_ratio,
-                               weight_decay=o.weight_decay, max_grad_norm=o.max_grad_norm, schedule=o.schedule)
+    optimizer = make_optimizer(
+        o.learning_rate,
+        o.max_steps,
+        warmup_ratio=o.warmup_ratio,
+        weight_decay=o.weight_decay,
+        max_grad_norm=o.max_grad_norm,
+        schedule=o.schedule,
+    )
     state = jax.eval_shape(lambda p: init_state(p, optimizer, config.seed), params)
 
     mesh = make_mesh(fsdp=fsdp, devices=jax.devices()[:devices])
@@ -206,9 +227,13 @@ def plan(config: Config, devices: int, fsdp: int = 1) -> Plan:
     rows = batch_sharding(mesh)
     i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=rows)
     batch = {
-        "query_input_ids": i32(b, d.query_max_len), "query_attention_mask": i32(b, d.query_max_len),
-        "passage_input_ids": i32(b * g, d.passage_max_len), "passage_attention_mask": i32(b * g, d.passage_max_len),
-        "pair": i32(b), "query": i32(b), "weight": jax.ShapeDtypeStruct((b,), jnp.float32, sharding=rows),
+        "query_input_ids": i32(b, d.query_max_len),
+        "query_attention_mask": i32(b, d.query_max_len),
+        "passage_input_ids": i32(b * g, d.passage_max_len),
+        "passage_attention_mask": i32(b * g, d.passage_max_len),
+        "pair": i32(b),
+        "query": i32(b),
+        "weight": jax.ShapeDtypeStruct((b,), jnp.float32, sharding=rows),
     }
     step = make_train_step(graphdef, rest, optimizer, o.temperature, grad_cache_chunk=o.grad_cache_chunk)
     with _xla_ops_only():  # XLA's own ops: their temporaries and FLOPs are counted, as on a GPU / TPU
@@ -220,20 +245,42 @@ def plan(config: Config, devices: int, fsdp: int = 1) -> Plan:
     tokens = b * d.query_max_len + b * g * d.passage_max_len
     remat = policy_name(m.remat)
     return Plan(
-        model=m.name, source=source, architecture=architecture,
+        model=m.name,
+        source=source,
+        architecture=architecture,
         num_params=sum(math.prod(x.shape) for x in jax.tree.leaves(params)),
-        devices=devices, data=devices // fsdp, fsdp=fsdp, batch_size=b, group_size=g,
-        query_len=d.query_max_len, passage_len=d.passage_max_len, dtype=precision.dtype.name, param_dtype=m.param_dtype,
-        remat=remat, grad_cache_chunk=o.grad_cache_chunk,
-        param_bytes=_bytes_per_device(state.params), optimizer_bytes=_bytes_per_device(state.opt_state),
-        argument_bytes=int(memory.argument_size_in_bytes), output_bytes=int(memory.output_size_in_bytes),
-        alias_bytes=int(memory.alias_size_in_bytes), temp_bytes=int(memory.temp_size_in_bytes),
-        peak_bytes=int(memory.argument_size_in_bytes + memory.output_size_in_bytes
-                       - memory.alias_size_in_bytes + memory.temp_size_in_bytes),
+        devices=devices,
+        data=devices // fsdp,
+        fsdp=fsdp,
+        batch_size=b,
+        group_size=g,
+        query_len=d.query_max_len,
+        passage_len=d.passage_max_len,
+        dtype=precision.dtype.name,
+        param_dtype=m.param_dtype,
+        remat=remat,
+        grad_cache_chunk=o.grad_cache_chunk,
+        param_bytes=_bytes_per_device(state.params),
+        optimizer_bytes=_bytes_per_device(state.opt_state),
+        argument_bytes=int(memory.argument_size_in_bytes),
+        output_bytes=int(memory.output_size_in_bytes),
+        alias_bytes=int(memory.alias_size_in_bytes),
+        temp_bytes=int(memory.temp_size_in_bytes),
+        peak_bytes=int(
+            memory.argument_size_in_bytes
+            + memory.output_size_in_bytes
+            - memory.alias_size_in_bytes
+            + memory.temp_size_in_bytes
+        ),
         flops=float(cost.get("flops", 0.0)),
-        analytic_flops=analytic_flops(arch_config, architecture, tokens,
-                                      [(b, d.query_max_len), (b * g, d.passage_max_len)],
-                                      (remat == "full") + bool(o.grad_cache_chunk)) / devices,
+        analytic_flops=analytic_flops(
+            arch_config,
+            architecture,
+            tokens,
+            [(b, d.query_max_len), (b * g, d.passage_max_len)],
+            (remat == "full") + bool(o.grad_cache_chunk),
+        )
+        / devices,
         backend=jax.default_backend(),
     )
 
@@ -263,5 +310,10 @@ def fits(result: Plan, budget_bytes: float) -> bool:
 
 def as_row(result: Plan) -> dict[str, Any]:
     """The figures of one plan, in GiB, for tables."""
-    return {"params_gib": result.param_bytes / GiB, "optimizer_gib": result.optimizer_bytes / GiB,
-            "temp_gib": result.temp_bytes / GiB, "peak_gib": result.peak_bytes / GiB, "flops": result.flops}
+    return {
+        "params_gib": result.param_bytes / GiB,
+        "optimizer_gib": result.optimizer_bytes / GiB,
+        "temp_gib": result.temp_bytes / GiB,
+        "peak_gib": result.peak_bytes / GiB,
+        "flops": result.flops,
+    }

@@ -12,8 +12,7 @@ import importlib.util
 import os
 
 # The modules JAX's accelerator plugins install (jax[cuda12], jax[cuda13], jax[tpu], ROCm).
-ACCELERATOR_MODULES = ("jax_cuda12_plugin", "jax_cuda13_plugin", "libtpu", "jax_rocm7_plugin",
-                       "jax_rocm60_plugin")
+ACCELERATOR_MODULES = ("jax_cuda12_plugin", "jax_cuda13_plugin", "libtpu", "jax_rocm7_plugin", "jax_rocm60_plugin")
 
 
 def accelerator_expected(environ=os.environ) -> bool:

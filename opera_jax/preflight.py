@@ -74,12 +74,16 @@ def check_batch_fits(config, num_queries: int, num_pairs: int, split: str) -> No
 def check_sp_keeps(kept_pct: float, num_pairs: int, split: str) -> None:
     """Static pruning keeps at least one of the ``num_pairs`` training pairs."""
     if math.floor(kept_pct * num_pairs) == 0:
-        raise InputError(f"method.sp.kept_pct {kept_pct} keeps no pair of the {num_pairs} training pairs "
-                         f"of split {split!r}; raise it")
+        raise InputError(
+            f"method.sp.kept_pct {kept_pct} keeps no pair of the {num_pairs} training pairs "
+            f"of split {split!r}; raise it"
+        )
 
 
 def check_batch_within(batch_size: int, draws: int, method: str, about: str) -> None:
     """``batch_size`` is at most ``draws``, the queries one plan of ``method`` draws."""
     if draws < batch_size:
-        raise InputError(f"optim.batch_size {batch_size} is larger than the {draws} queries one epoch of "
-                         f"method {method!r} draws ({about}); lower optim.batch_size")
+        raise InputError(
+            f"optim.batch_size {batch_size} is larger than the {draws} queries one epoch of "
+            f"method {method!r} draws ({about}); lower optim.batch_size"
+        )

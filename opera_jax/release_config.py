@@ -73,10 +73,20 @@ DIRECT = {
 
 # Keys handled below, one by one.
 SPECIAL = {
-    "opera.level", "offline_pruning.kept_pct", "offline_pruning.mode", "data.train_data", "data.test_data",
-    "mining.range_for_sampling", "optimization.per_device_train_batch_size", "optimization.fp16",
-    "optimization.bf16", "optimization.lr_scheduler_type", "optimization.num_train_epochs",
-    "opera.positive_selection.scheduler", "opera.positive_selection.delta", "pretrain.tokenizer_name",
+    "opera.level",
+    "offline_pruning.kept_pct",
+    "offline_pruning.mode",
+    "data.train_data",
+    "data.test_data",
+    "mining.range_for_sampling",
+    "optimization.per_device_train_batch_size",
+    "optimization.fp16",
+    "optimization.bf16",
+    "optimization.lr_scheduler_type",
+    "optimization.num_train_epochs",
+    "opera.positive_selection.scheduler",
+    "opera.positive_selection.delta",
+    "pretrain.tokenizer_name",
     "pretrain.config_name",
 }
 
@@ -94,18 +104,40 @@ REQUIRED = {
 
 # Release machinery: accepted anywhere, no effect here.
 MACHINERY = {
-    "cache_dir", "output_dir", "logging_dir", "local_rank", "logging_steps", "save_steps", "save_total_limit",
-    "save_strategy", "report_to", "run_name", "project", "wandb", "wandb_project", "wandb_entity", "wandb_run_name",
-    "enable_cache", "overwrite_neg", "overwrite_output_dir", "dataloader_num_workers", "index_factory",
+    "cache_dir",
+    "output_dir",
+    "logging_dir",
+    "local_rank",
+    "logging_steps",
+    "save_steps",
+    "save_total_limit",
+    "save_strategy",
+    "report_to",
+    "run_name",
+    "project",
+    "wandb",
+    "wandb_project",
+    "wandb_entity",
+    "wandb_run_name",
+    "enable_cache",
+    "overwrite_neg",
+    "overwrite_output_dir",
+    "dataloader_num_workers",
+    "index_factory",
 }
 # Other keys accepted and ignored (with the reason opera-jax does without them).
 IGNORED = {
     "architecture",  # the encoder comes from model.name's files
     "data.val_data",  # no dev split is used
     "data.max_example_num_per_dataset",
-    "corpus.train_corpus", "corpus.val_corpus", "corpus.test_corpus",  # the corpus lives with the collection
+    "corpus.train_corpus",
+    "corpus.val_corpus",
+    "corpus.test_corpus",  # the corpus lives with the collection
     "optimization.dataloader_drop_last",  # always dropped
-    "evaluate.k", "evaluate.cutoffs", "evaluate.main_metrics", "evaluate.bs_multiplier",  # fixed metric set
+    "evaluate.k",
+    "evaluate.cutoffs",
+    "evaluate.main_metrics",
+    "evaluate.bs_multiplier",  # fixed metric set
     "evaluate.batch_size",
 }
 
@@ -114,10 +146,15 @@ SCHEDULERS = {"linear": ("linear", None), "constant": ("constant", 0.0), "consta
 
 # our key -> the release key it came from, for error messages
 RELEASE_ORIGIN = {ours: theirs for theirs, ours in DIRECT.items()} | {
-    "method.name": "opera.level", "method.sp.kept_pct": "offline_pruning.kept_pct",
-    "method.sp.mode": "offline_pruning.mode", "data.path": "data.train_data", "data.train_split": "data.train_data",
-    "data.eval_split": "data.test_data", "mining.rank_start": "mining.range_for_sampling",
-    "mining.rank_end": "mining.range_for_sampling", "optim.batch_size": "optimization.per_device_train_batch_size",
+    "method.name": "opera.level",
+    "method.sp.kept_pct": "offline_pruning.kept_pct",
+    "method.sp.mode": "offline_pruning.mode",
+    "data.path": "data.train_data",
+    "data.train_split": "data.train_data",
+    "data.eval_split": "data.test_data",
+    "mining.rank_start": "mining.range_for_sampling",
+    "mining.rank_end": "mining.range_for_sampling",
+    "optim.batch_size": "optimization.per_device_train_batch_size",
     "optim.schedule": "optimization.lr_scheduler_type",
 }
 
@@ -203,8 +240,10 @@ def from_release(data: dict, source: str, release_devices: int = RELEASE_DEVICES
             _set(out, "method.sp", {"kept_pct": float(kept), "mode": MODES[mode]})
     elif level in ("query", "infobatch"):
         if kept < 1:
-            raise InputError(f"{source}: offline_pruning.kept_pct < 1 with opera.level {level!r}: "
-                             "opera-jax does not combine static pruning with another method")
+            raise InputError(
+                f"{source}: offline_pruning.kept_pct < 1 with opera.level {level!r}: "
+                "opera-jax does not combine static pruning with another method"
+            )
         _set(out, "method.name", "dp" if level == "query" else "infobatch")
     else:
         raise InputError(f"{source}: opera.level is {level!r}, not one of none, query, infobatch")
@@ -212,8 +251,10 @@ def from_release(data: dict, source: str, release_devices: int = RELEASE_DEVICES
         q = flat.get(f"opera.query_selection.{key}", {"scheduler": "cosine", "delta": 1.0}[key])
         p = flat.get(f"opera.positive_selection.{key}", q)
         if p != q:
-            raise InputError(f"{source}: opera.positive_selection.{key} ({p!r}) differs from "
-                             f"opera.query_selection.{key} ({q!r}); opera-jax uses one for both")
+            raise InputError(
+                f"{source}: opera.positive_selection.{key} ({p!r}) differs from "
+                f"opera.query_selection.{key} ({q!r}); opera-jax uses one for both"
+            )
 
     # data
     if "data.train_data" in flat:
@@ -223,16 +264,20 @@ def from_release(data: dict, source: str, release_devices: int = RELEASE_DEVICES
         if "data.test_data" in flat:
             test_name, test_split = _dataset_id(flat["data.test_data"], "data.test_data", source)
             if test_name != name:
-                raise InputError(f"{source}: data.test_data ({flat['data.test_data']!r}) is not from the "
-                                 f"training collection {name!r}; opera-jax evaluates on the same collection")
+                raise InputError(
+                    f"{source}: data.test_data ({flat['data.test_data']!r}) is not from the "
+                    f"training collection {name!r}; opera-jax evaluates on the same collection"
+                )
             _set(out, "data.eval_split", test_split)
 
     # model
     model = flat.get("pretrain.model_name_or_path")
     for key in ("pretrain.tokenizer_name", "pretrain.config_name"):
         if flat.get(key) not in (None, "", model):
-            raise InputError(f"{source}: {key} ({flat[key]!r}) differs from pretrain.model_name_or_path; "
-                             "opera-jax loads the tokenizer and config from the model")
+            raise InputError(
+                f"{source}: {key} ({flat[key]!r}) differs from pretrain.model_name_or_path; "
+                "opera-jax loads the tokenizer and config from the model"
+            )
     if flat.get("optimization.fp16") or flat.get("optimization.bf16"):
         _set(out, "model.dtype", "bfloat16")  # mixed precision; master weights stay float32
 
@@ -242,36 +287,45 @@ def from_release(data: dict, source: str, release_devices: int = RELEASE_DEVICES
         try:
             start, end = (int(x) for x in str(rng).split("-"))
         except ValueError:
-            raise InputError(f"{source}: mining.range_for_sampling must be 'START-END' such as '10-100', "
-                             f"got {rng!r}") from None
+            raise InputError(
+                f"{source}: mining.range_for_sampling must be 'START-END' such as '10-100', got {rng!r}"
+            ) from None
         _set(out, "mining.rank_start", start)
         _set(out, "mining.rank_end", end)
 
     # optimisation
     notes = []
     if "optimization.per_device_train_batch_size" in flat:
-        per_device = _positive_int(flat["optimization.per_device_train_batch_size"],
-                                   "optimization.per_device_train_batch_size", source)
+        per_device = _positive_int(
+            flat["optimization.per_device_train_batch_size"], "optimization.per_device_train_batch_size", source
+        )
         _set(out, "optim.batch_size", per_device * release_devices)
-        notes.append(f"global batch = per_device_train_batch_size {per_device} x {release_devices} devices "
-                     f"= {per_device * release_devices} queries per step")
+        notes.append(
+            f"global batch = per_device_train_batch_size {per_device} x {release_devices} devices "
+            f"= {per_device * release_devices} queries per step"
+        )
     scheduler = flat.get("optimization.lr_scheduler_type")
     if scheduler is not None:
         if scheduler not in SCHEDULERS:
-            raise InputError(f"{source}: optimization.lr_scheduler_type is {scheduler!r}, not one of "
-                             f"{', '.join(SCHEDULERS)}")
+            raise InputError(
+                f"{source}: optimization.lr_scheduler_type is {scheduler!r}, not one of {', '.join(SCHEDULERS)}"
+            )
         kind, warmup = SCHEDULERS[scheduler]
         _set(out, "optim.schedule", kind)
         if warmup is not None:
             _set(out, "optim.warmup_ratio", warmup)
     steps = flat.get("optimization.max_steps")
-    if "optimization.num_train_epochs" in flat and (isinstance(steps, bool) or not isinstance(steps, int)
-                                                    or steps <= 0):
-        raise InputError(f"{source}: optimization.num_train_epochs without a positive optimization.max_steps: "
-                         "opera-jax counts training in steps; set max_steps")
+    if "optimization.num_train_epochs" in flat and (
+        isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0
+    ):
+        raise InputError(
+            f"{source}: optimization.num_train_epochs without a positive optimization.max_steps: "
+            "opera-jax counts training in steps; set max_steps"
+        )
 
-    ignored = sorted(k for k in flat if k in IGNORED or k.rpartition(".")[2] in MACHINERY
-                     or k == "optimization.num_train_epochs")  # max_steps decides
+    ignored = sorted(
+        k for k in flat if k in IGNORED or k.rpartition(".")[2] in MACHINERY or k == "optimization.num_train_epochs"
+    )  # max_steps decides
     if ignored:
         notes.append("ignored (no effect in opera-jax): " + ", ".join(ignored))
     if notes:

@@ -33,8 +33,14 @@ class DenseRetriever:
     (``pooling``, ``normalize``, ``query_prefix``, ``passage_prefix``, ...).
     """
 
-    def __init__(self, model: str | Path = "sentence-transformers/all-MiniLM-L6-v2", *,
-                 max_length: int | None = None, batch_size: int = 128, **spec_overrides: Any):
+    def __init__(
+        self,
+        model: str | Path = "sentence-transformers/all-MiniLM-L6-v2",
+        *,
+        max_length: int | None = None,
+        batch_size: int = 128,
+        **spec_overrides: Any,
+    ):
         self.encoder: Encoder = load_encoder(str(model), overrides=spec_overrides or None)
         self.max_length = min(max_length or self.spec.max_seq_length, self.spec.max_seq_length)
         self.batch_size = batch_size
@@ -56,8 +62,9 @@ class DenseRetriever:
         """``[n, dim]`` float32 (``[dim]`` for one passage), with the model's passage prompt."""
         return self._numpy(texts, self.spec.passage_prefix)
 
-    def search(self, queries: Sequence[str] | Mapping[str, str],
-               corpus: Sequence[Passage] | Mapping[str, Passage], k: int = 10):
+    def search(
+        self, queries: Sequence[str] | Mapping[str, str], corpus: Sequence[Passage] | Mapping[str, Passage], k: int = 10
+    ):
         """Exact top-``k`` by inner product: per query, ``[(corpus id, score), ...]`` best first.
 
         Ids are the mappings' keys, or list positions. ``queries`` as a mapping gives a
@@ -95,8 +102,14 @@ class DenseRetriever:
 
     def _encode(self, texts: list[str], prefix: str) -> jax.Array:
         tokens = tokenize(self.encoder.tokenizer, texts, self.max_length, prefix, use_cache=False)
-        return encode(self.encoder.model, tokens, max_len=self.max_length, batch_size=self.batch_size,
-                      padding_side=self.spec.padding_side, mesh=self.mesh)
+        return encode(
+            self.encoder.model,
+            tokens,
+            max_len=self.max_length,
+            batch_size=self.batch_size,
+            padding_side=self.spec.padding_side,
+            mesh=self.mesh,
+        )
 
 
 def _ids_and_items(items, what: str) -> tuple[list, list]:

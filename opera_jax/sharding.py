@@ -107,8 +107,10 @@ def tree_shardings(tree, mesh: Mesh, rules=REPLICATED_RULES):
         name = _path_str(path)
         shape = getattr(leaf, "shape", ())
         for pattern, spec in compiled:
-            if pattern.search(name) and len(spec) <= len(shape) and all(
-                axis is None or shape[i] % _axis_size(mesh, axis) == 0 for i, axis in enumerate(spec)
+            if (
+                pattern.search(name)
+                and len(spec) <= len(shape)
+                and all(axis is None or shape[i] % _axis_size(mesh, axis) == 0 for i, axis in enumerate(spec))
             ):
                 return NamedSharding(mesh, spec)
         return NamedSharding(mesh, P())
@@ -128,6 +130,7 @@ def put_global(tree, shardings):
     devices hold. Works in one process as in many (``jax.device_put`` cannot
     address other hosts' devices).
     """
+
     def put(x, sharding):
         if isinstance(x, jax.Array) and not x.is_fully_addressable:
             return jax.device_put(x, sharding)

@@ -21,8 +21,24 @@ def epoch_length(n, r0=0.25, x0=2.0):
     return math.floor(n * (1 - r0) / x0 + r0 * n)
 
 
-def refresh_probabilities(scores, pair_query, n, t, total, *, r0=0.25, x0=2.0, x1=5.0, c0=0.25, c1=0.5,
-                          strength_d=5.0, kind="cosine", delta=1.0, query_values=None, keep_higher_query=True):
+def refresh_probabilities(
+    scores,
+    pair_query,
+    n,
+    t,
+    total,
+    *,
+    r0=0.25,
+    x0=2.0,
+    x1=5.0,
+    c0=0.25,
+    c1=0.5,
+    strength_d=5.0,
+    kind="cosine",
+    delta=1.0,
+    query_values=None,
+    keep_higher_query=True,
+):
     """n0, r(t), theta_q, kept queries, per-query visit probability, theta_d, per-pair positive probability.
 
     ``query_values``: the per-pair values of the query level (default ``scores``; the "loss" criterion

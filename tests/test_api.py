@@ -28,8 +28,14 @@ def retriever(tiny_bert_dir):
 def _direct(tiny_bert_dir, texts, prefix):
     """The reference: the tokenizer padded to the longest text, one call of the model."""
     enc = load_encoder(str(tiny_bert_dir), overrides=SPEC)
-    batch = enc.tokenizer([prefix + t for t in texts], padding=True, truncation=True, max_length=32,
-                          return_tensors="np", return_token_type_ids=False)
+    batch = enc.tokenizer(
+        [prefix + t for t in texts],
+        padding=True,
+        truncation=True,
+        max_length=32,
+        return_tensors="np",
+        return_token_type_ids=False,
+    )
     return np.asarray(enc.model(jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"])))
 
 
@@ -38,8 +44,9 @@ def test_encode_matches_the_model_called_directly(retriever, tiny_bert_dir):
     assert got.shape == (21, 32) and got.dtype == np.float32
     np.testing.assert_allclose(got, _direct(tiny_bert_dir, TEXTS, "q: "), atol=1e-5)
     np.testing.assert_allclose(retriever.encode_passages(TEXTS), _direct(tiny_bert_dir, TEXTS, "p: "), atol=1e-5)
-    np.testing.assert_allclose(retriever.encode_passages({"title": "T", "text": "x"}),
-                               _direct(tiny_bert_dir, ["T x"], "p: ")[0], atol=1e-5)
+    np.testing.assert_allclose(
+        retriever.encode_passages({"title": "T", "text": "x"}), _direct(tiny_bert_dir, ["T x"], "p: ")[0], atol=1e-5
+    )
     assert retriever.encode_queries([]).shape == (0, 32)
 
 
@@ -66,15 +73,27 @@ QRELS = {f"q{i}": {f"d{i}": 1, f"d{i + 10}": 0} for i in range(20)}
 
 
 def _overrides(tiny_bert_dir):
-    return dict(model=str(tiny_bert_dir), max_steps=4, batch_size=8, eval_every=2, learning_rate=1e-3,
-                data__query_max_len=16, data__passage_max_len=16, data__eval_batch_size=32,
-                mining__rank_start=0, mining__rank_end=10, train__log_every=2, progress=False)
+    return dict(
+        model=str(tiny_bert_dir),
+        max_steps=4,
+        batch_size=8,
+        eval_every=2,
+        learning_rate=1e-3,
+        data__query_max_len=16,
+        data__passage_max_len=16,
+        data__eval_batch_size=32,
+        mining__rank_start=0,
+        mining__rank_end=10,
+        train__log_every=2,
+        progress=False,
+    )
 
 
 def test_finetune_on_tables_holds_out_and_exports(tiny_bert_dir, tmp_path):
     base = load_config(None, ["model.pooling=mean", "model.normalize=true"])  # a Config object, then overrides
-    result = opera_jax.finetune((QUERIES, CORPUS, QRELS), config=base, out=tmp_path / "run", validation=0.25,
-                                **_overrides(tiny_bert_dir))
+    result = opera_jax.finetune(
+        (QUERIES, CORPUS, QRELS), config=base, out=tmp_path / "run", validation=0.25, **_overrides(tiny_bert_dir)
+    )
     rows = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 2, 4] and result.metrics == rows[-1]
     saved = load_config(result.run_dir / "config.yaml")
@@ -88,8 +107,14 @@ def test_finetune_on_tables_holds_out_and_exports(tiny_bert_dir, tmp_path):
 def test_finetune_on_jsonl_trains_on_its_own_negatives(tiny_bert_dir, tmp_path, monkeypatch):
     from opera_jax.train import trainer
 
-    lines = [{"query": QUERIES[f"q{i}"], "pos": [CORPUS[f"d{i}"]["text"]],
-              "neg": [CORPUS[f"d{(i + 3) % 30}"]["text"], CORPUS[f"d{(i + 7) % 30}"]["text"]]} for i in range(16)]
+    lines = [
+        {
+            "query": QUERIES[f"q{i}"],
+            "pos": [CORPUS[f"d{i}"]["text"]],
+            "neg": [CORPUS[f"d{(i + 3) % 30}"]["text"], CORPUS[f"d{(i + 7) % 30}"]["text"]],
+        }
+        for i in range(16)
+    ]
     path = tmp_path / "train.jsonl"
     path.write_text("".join(json.dumps(x) + "\n" for x in lines))
 
@@ -155,11 +180,17 @@ def test_a_jsonl_data_path_is_read_with_a_held_out_tenth(tiny_bert_dir, tmp_path
     from opera_jax.train.trainer import prepare
 
     path = tmp_path / "pairs.jsonl"
-    path.write_text("".join(json.dumps({"query": f"query {i}", "pos": [f"passage {i}"], "neg": [f"passage {i + 1}"]})
-                            + "\n" for i in range(30)))
+    path.write_text(
+        "".join(
+            json.dumps({"query": f"query {i}", "pos": [f"passage {i}"], "neg": [f"passage {i + 1}"]}) + "\n"
+            for i in range(30)
+        )
+    )
     config = load_config(None, [f"model.name={tiny_bert_dir}", f"data.path={path}", "seed=5"])
     setup = prepare(config, mesh1)
     held = setup.given.eval
     assert setup.data_dir is None and len(held.queries) == 3 and setup.ts.num_queries == 27
     assert not set(held.queries.ids) & set(setup.ts.query_ids)
-    assert setup.given.negatives["q1"] == [setup.train_split.corpus.ids[setup.train_split.corpus.texts.index("passage 1")]]
+    assert setup.given.negatives["q1"] == [
+        setup.train_split.corpus.ids[setup.train_split.corpus.texts.index("passage 1")]
+    ]

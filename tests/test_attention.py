@@ -63,8 +63,17 @@ def _value_and_grads(fn, q, k, v, mask, qkv_bias, g):
 
 def _check(implementation, q, k, v, mask, qkv_bias, g, causal, tol):
     scale = q.shape[-1] ** -0.5
-    got = _value_and_grads(lambda q, k, v, m, b: attention.attend(
-        q, k, v, m, implementation=implementation, causal=causal, scale=scale, qkv_bias=b), q, k, v, mask, qkv_bias, g)
+    got = _value_and_grads(
+        lambda q, k, v, m, b: attention.attend(
+            q, k, v, m, implementation=implementation, causal=causal, scale=scale, qkv_bias=b
+        ),
+        q,
+        k,
+        v,
+        mask,
+        qkv_bias,
+        g,
+    )
     want = _value_and_grads(lambda q, k, v, m, b: reference(q, k, v, m, causal, scale, b), q, k, v, mask, qkv_bias, g)
     names = ["out", "dq", "dk", "dv", "dbq", "dbk", "dbv"]
     for name, a, w in zip(names, got, want):
@@ -121,9 +130,11 @@ def test_cudnn_on_gpu(case):
 def test_a_fully_padded_sequence_stays_finite(implementation):
     """A batch row with no real token (the pipeline's padding rows): finite outputs and gradients."""
     q, k, v, mask, qkv_bias, g = _operands(2, 128, 2, 2, 16, [128, 0], False)
+
     def loss(q, k, v):
         out = attention.attend(q, k, v, mask, implementation=implementation, scale=0.25, qkv_bias=qkv_bias)
         return jnp.sum(out * g)
+
     value, grads = jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
     assert np.isfinite(float(value)) and all(np.all(np.isfinite(x)) for x in grads)
 
@@ -141,8 +152,9 @@ def test_xla_dropout_on_grouped_heads_matches_the_reference_with_the_same_mask()
         p = jax.nn.softmax(jnp.where(allowed, logits, -1e30), axis=-1)
         return jnp.einsum("bhqk,bkhd->bqhd", jnp.where(keep, p / 0.8, 0.0), vr)
 
-    got = lambda q, k, v: attention.attend(q, k, v, mask, implementation="xla", causal=True, scale=0.5,
-                                           keep=keep, rate=0.2)
+    got = lambda q, k, v: attention.attend(
+        q, k, v, mask, implementation="xla", causal=True, scale=0.5, keep=keep, rate=0.2
+    )
     real = mask[:, :, None, None]
     a = jax.value_and_grad(lambda *x: jnp.sum(got(*x) * g * real), argnums=(0, 1, 2))(q, k, v)
     b = jax.value_and_grad(lambda *x: jnp.sum(ref(*x) * g * real), argnums=(0, 1, 2))(q, k, v)
@@ -159,8 +171,12 @@ def test_auto_picks_by_backend_and_dtype():
     assert attention.resolve("auto", jnp.float32, "gpu") == "xla"  # cuDNN's flash attention is bf16/fp16
     assert attention.resolve("auto", jnp.bfloat16, "tpu") == "pallas"
     assert attention.resolve("pallas", jnp.float32, "cpu") == "pallas"  # interpret mode
-    for name, dtype, backend in [("cudnn", jnp.bfloat16, "cpu"), ("cudnn", jnp.float32, "gpu"),
-                                 ("cpu", jnp.float32, "gpu"), ("flash", jnp.float32, "cpu")]:
+    for name, dtype, backend in [
+        ("cudnn", jnp.bfloat16, "cpu"),
+        ("cudnn", jnp.float32, "gpu"),
+        ("cpu", jnp.float32, "gpu"),
+        ("flash", jnp.float32, "cpu"),
+    ]:
         with pytest.raises(InputError, match="model.attention"):
             attention.resolve(name, dtype, backend)
     assert attention.takes_dropout("xla") and attention.takes_dropout("cpu")
@@ -220,8 +236,13 @@ def test_an_accelerator_path_imports_nothing_of_the_cpu_package(tiny_bert_dir):
     """The model, the step and a training update traced as on a GPU host (bf16 by default, cuDNN's
     call): no module of ``opera_jax.cpu`` is imported, no CPU kernel is in the program."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    run = subprocess.run([sys.executable, "-c", ACCELERATOR_PATH, str(tiny_bert_dir)], capture_output=True,
-                         text=True, env=env, timeout=600)
+    run = subprocess.run(
+        [sys.executable, "-c", ACCELERATOR_PATH, str(tiny_bert_dir)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stdout + run.stderr
     assert "cpu modules: []" in run.stdout
 
@@ -230,13 +251,15 @@ def test_an_accelerator_path_imports_nothing_of_the_cpu_package(tiny_bert_dir):
 def test_pallas_under_the_step_mesh_runs_per_device_and_equals_one_device(kv):
     """Under the train step's mesh each device runs splash attention on its own sequences (no gather
     of the batch); values and gradients equal the unsharded call."""
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     from opera_jax.sharding import BATCH_AXES, make_mesh
 
     mesh = make_mesh()
-    q, k, v, mask, _, g = _operands(mesh.size, 128, 4, kv, 16, list(range(128, 0, -128 // mesh.size)), False,
-                                    biases=False)
+    q, k, v, mask, _, g = _operands(
+        mesh.size, 128, 4, kv, 16, list(range(128, 0, -128 // mesh.size)), False, biases=False
+    )
 
     def value_and_grads(q, k, v, mask, g):
         fn = lambda q, k, v: attention.attend(q, k, v, mask, implementation="pallas", causal=kv != 4, scale=0.25)

@@ -151,8 +151,11 @@ def test_resolve_errors(tmp_path, monkeypatch):
 
 # --- synthetic collections -----------------------------------------------------------------------
 
-DOCS = [{"_id": "d1", "title": "T1", "text": "one"}, {"_id": "d2", "title": "", "text": "two"},
-        {"_id": "d3", "text": "three"}]
+DOCS = [
+    {"_id": "d1", "title": "T1", "text": "one"},
+    {"_id": "d2", "title": "", "text": "two"},
+    {"_id": "d3", "text": "three"},
+]
 QUERIES = [{"_id": "q1", "text": "first"}, {"_id": "q2", "text": "second"}, {"_id": "q3", "text": "third"}]
 QRELS = "query-id\tcorpus-id\tscore\nq2\td1\t1\nq1\td2\t2\nq1\td3\t0\n"
 
@@ -161,8 +164,14 @@ def _jsonl(rows: list) -> str:
     return "".join(json.dumps(r) + "\n" for r in rows)
 
 
-def make_collection(root: Path, *, corpus: str | bytes | None = None, queries: str | bytes | None = None,
-                    qrels: dict[str, str] | None = None, gz: bool = False) -> Path:
+def make_collection(
+    root: Path,
+    *,
+    corpus: str | bytes | None = None,
+    queries: str | bytes | None = None,
+    qrels: dict[str, str] | None = None,
+    gz: bool = False,
+) -> Path:
     """A small collection under ``root/coll``; text arguments replace the default files."""
     folder = root / "coll"
     (folder / "qrels").mkdir(parents=True)
@@ -296,7 +305,9 @@ def test_bad_qrels(tmp_path, qrels, line, parts):
     assert_input_error(lambda: load_split(folder, "test"), str(Path("qrels", "test.tsv")), f"line {line}", *parts)
 
 
-@pytest.mark.parametrize("header", ["query-id\tcorpus-id\tscore", "QUERY_ID\tCorpus_Id\tScore", " query-id \tcorpus-id\tscore "])
+@pytest.mark.parametrize(
+    "header", ["query-id\tcorpus-id\tscore", "QUERY_ID\tCorpus_Id\tScore", " query-id \tcorpus-id\tscore "]
+)
 def test_qrels_header_is_known_by_its_column_names(tmp_path, header):
     folder = make_collection(tmp_path, qrels={"test": f"{header}\nq1\td1\t2\n"})
     assert load_qrels(folder, "test") == {"q1": {"d1": 2}}
@@ -309,8 +320,9 @@ def test_qrels_without_judgments(tmp_path):
 
 def test_missing_files(tmp_path):
     folder = make_collection(tmp_path, qrels={"train": QRELS, "test": QRELS})
-    assert_input_error(lambda: load_split(folder, "dev"), str(Path("qrels", "dev.tsv")), "not found",
-                       "splits here: test, train")
+    assert_input_error(
+        lambda: load_split(folder, "dev"), str(Path("qrels", "dev.tsv")), "not found", "splits here: test, train"
+    )
     assert_input_error(lambda: load_qrels(folder, "../queries"), "split '../queries'")
     (folder / "queries.jsonl").unlink()
     assert_input_error(lambda: load_split(folder), "queries.jsonl", "not found")
@@ -348,8 +360,12 @@ def test_empty_texts_are_errors_by_default(tmp_path):
 
 def test_empty_texts_skipped(tmp_path, caplog):
     qrels = "query-id\tcorpus-id\tscore\nq2\td1\t1\nq1\td1\t1\nq3\td2\t1\nq3\td3\t1\n"
-    folder = make_collection(tmp_path, corpus=_jsonl([DOCS[0], EMPTY_DOC, DOCS[2]]),
-                             queries=_jsonl([EMPTY_QUERY] + QUERIES[1:]), qrels={"test": qrels})
+    folder = make_collection(
+        tmp_path,
+        corpus=_jsonl([DOCS[0], EMPTY_DOC, DOCS[2]]),
+        queries=_jsonl([EMPTY_QUERY] + QUERIES[1:]),
+        qrels={"test": qrels},
+    )
     with caplog.at_level(logging.WARNING, logger=beir.__name__):
         s = load_split(folder, empty="skip")
     assert s.corpus.ids == ("d1", "d3") and s.corpus.skipped_ids == ("d2",) and s.corpus.skipped_empty == 1

@@ -23,8 +23,10 @@ from opera_jax.cli import main
 pytestmark = pytest.mark.slow  # the fast tier (-m "not slow") leaves this file out: README "Tests"
 
 ROOT = Path(__file__).resolve().parents[1]
-WORDS = ("river flood bank water stone bridge cell blood heart lung brain nerve star orbit light wave "
-         "metal alloy steel heat rain cloud storm wind seed leaf root soil").split()
+WORDS = (
+    "river flood bank water stone bridge cell blood heart lung brain nerve star orbit light wave "
+    "metal alloy steel heat rain cloud storm wind seed leaf root soil"
+).split()
 
 
 def make_collection(folder: Path, *, train_queries: int = 16, test_queries: int = 8, docs: int = 40) -> Path:
@@ -52,14 +54,23 @@ def world(tmp_path_factory):
     base = tmp_path_factory.mktemp("cli")
     data = make_collection(base / "tiny")
     config = base / "tiny.yaml"
-    config.write_text(yaml.safe_dump({
-        "model": {"name": str(GOLDEN / "tiny_bert"), "pooling": "mean", "normalize": True},
-        "data": {"path": str(data), "query_max_len": 16, "passage_max_len": 32, "eval_batch_size": 64,
-                 "group_size": 1},
-        "optim": {"batch_size": 8, "max_steps": 2, "learning_rate": 1e-3},
-        "train": {"eval_every": 0, "checkpoint_every": 1, "log_every": 1},
-        "mining": {"rank_start": 0, "rank_end": 10, "num_negatives": 4},
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"name": str(GOLDEN / "tiny_bert"), "pooling": "mean", "normalize": True},
+                "data": {
+                    "path": str(data),
+                    "query_max_len": 16,
+                    "passage_max_len": 32,
+                    "eval_batch_size": 64,
+                    "group_size": 1,
+                },
+                "optim": {"batch_size": 8, "max_steps": 2, "learning_rate": 1e-3},
+                "train": {"eval_every": 0, "checkpoint_every": 1, "log_every": 1},
+                "mining": {"rank_start": 0, "rank_end": 10, "num_negatives": 4},
+            }
+        )
+    )
     return base, data, config
 
 
@@ -113,8 +124,15 @@ def negatives_cache(tmp_path, monkeypatch) -> Path:
 def test_a_finished_run_is_left_alone_and_says_so(world, finished, capsys):
     _, _, config = world
     before = snapshot(finished)
-    assert {"config.yaml", "checkpoints", "tb", "metrics.jsonl", "train_log.jsonl", "run.trec",
-            "model/model.safetensors"} <= set(before)
+    assert {
+        "config.yaml",
+        "checkpoints",
+        "tb",
+        "metrics.jsonl",
+        "train_log.jsonl",
+        "run.trec",
+        "model/model.safetensors",
+    } <= set(before)
     capsys.readouterr()
     assert main(["train", str(config), "--out", str(finished)]) == 0
     out = capsys.readouterr().out
@@ -123,8 +141,15 @@ def test_a_finished_run_is_left_alone_and_says_so(world, finished, capsys):
 
 
 def test_written_files_are_readable_by_others(finished):
-    for name in ("config.yaml", "metrics.jsonl", "run.trec", "model/model.safetensors", "model/config.json",
-                 "model/tokenizer.json", "model/modules.json"):
+    for name in (
+        "config.yaml",
+        "metrics.jsonl",
+        "run.trec",
+        "model/model.safetensors",
+        "model/config.json",
+        "model/tokenizer.json",
+        "model/modules.json",
+    ):
         assert stat.S_IMODE((finished / name).stat().st_mode) == 0o644, name
 
 
@@ -138,8 +163,8 @@ def read_events(folder: Path) -> list:
     for file in sorted(folder.rglob("events.out.tfevents.*")):
         data, at = file.read_bytes(), 0
         while at < len(data):
-            (n,) = struct.unpack("<Q", data[at: at + 8])
-            events.append(event_pb2.Event.FromString(data[at + 12: at + 12 + n]))
+            (n,) = struct.unpack("<Q", data[at : at + 8])
+            events.append(event_pb2.Event.FromString(data[at + 12 : at + 12 + n]))
             at += 12 + n + 4
     return events
 
@@ -147,11 +172,16 @@ def read_events(folder: Path) -> list:
 def test_tensorboard_gets_the_learning_rate_and_the_config(finished):
     from opera_jax.train.optim import learning_rate_schedule
 
-    values = [(v.tag, e.step, v.simple_value, v.metadata.plugin_data.content)
-              for e in read_events(finished / "tb") for v in e.summary.value]
+    values = [
+        (v.tag, e.step, v.simple_value, v.metadata.plugin_data.content)
+        for e in read_events(finished / "tb")
+        for v in e.summary.value
+    ]
     lr = learning_rate_schedule(1e-3, 2, 0.05)
     assert [(step, value) for tag, step, value, _ in values if tag == "train/learning_rate"] == [
-        (1, pytest.approx(float(lr(0)))), (2, pytest.approx(float(lr(1))))]
+        (1, pytest.approx(float(lr(0)))),
+        (2, pytest.approx(float(lr(1)))),
+    ]
     session = [content for tag, _, _, content in values if tag == "_hparams_/session_start_info"]
     assert len(session) == 1 and b"optim.learning_rate" in session[0] and b"method.dp.strength_end" in session[0]
     assert {tag for tag, *_ in values} >= {"train/loss", "eval/ndcg_10", "_hparams_/experiment"}
@@ -159,11 +189,14 @@ def test_tensorboard_gets_the_learning_rate_and_the_config(finished):
     assert b"eval/ndcg_10" in experiment  # the hparams view's metric is the scalar's own tag
 
 
-@pytest.mark.parametrize(("extra", "parts"), [
-    (["optim.learning_rate=5e-5"], ["optim.learning_rate: 0.001 -> 5e-05", "--new-run"]),
-    (["--max-steps", "6"], ["optim.max_steps: 2 -> 6"]),
-    (["--eval-every", "1", "seed=3"], ["seed: 0 -> 3", "train.eval_every: 0 -> 1"]),
-])
+@pytest.mark.parametrize(
+    ("extra", "parts"),
+    [
+        (["optim.learning_rate=5e-5"], ["optim.learning_rate: 0.001 -> 5e-05", "--new-run"]),
+        (["--max-steps", "6"], ["optim.max_steps: 2 -> 6"]),
+        (["--eval-every", "1", "seed=3"], ["seed: 0 -> 3", "train.eval_every: 0 -> 1"]),
+    ],
+)
 def test_a_different_config_is_refused_with_the_differing_keys(world, finished, capsys, extra, parts):
     _, _, config = world
     before = snapshot(finished)
@@ -281,16 +314,23 @@ def test_mine_prune_and_export_outputs_are_checked_first(world, finished, tmp_pa
     assert not kept.exists()
 
 
-@pytest.mark.parametrize(("overrides", "parts"), [
-    (["optim.batch_size=512"], ["optim.batch_size 512 is larger than the 16 queries", "split 'train'"]),
-    (["method.name=infobatch", "optim.batch_size=24"], ["batch_size 24 is larger than the 16 queries", "'infobatch'"]),
-    (["method.name=sp", "method.sp.kept_pct=0.05"], ["method.sp.kept_pct 0.05 keeps no pair of the 16"]),
-    (["method.name=sp", "method.sp.kept_pct=0.25"], ["optim.batch_size 8 is larger than the 4 queries", "'sp'"]),
-    (["data.eval_split=dev", "data.group_size=2"], ["dev.tsv: not found (splits here: test, train)"]),
-    (["data.train_split=dev"], ["dev.tsv: not found"]),
-])
-def test_config_mistakes_are_caught_before_anything_is_written(world, tmp_path, negatives_cache, capsys,
-                                                                overrides, parts):
+@pytest.mark.parametrize(
+    ("overrides", "parts"),
+    [
+        (["optim.batch_size=512"], ["optim.batch_size 512 is larger than the 16 queries", "split 'train'"]),
+        (
+            ["method.name=infobatch", "optim.batch_size=24"],
+            ["batch_size 24 is larger than the 16 queries", "'infobatch'"],
+        ),
+        (["method.name=sp", "method.sp.kept_pct=0.05"], ["method.sp.kept_pct 0.05 keeps no pair of the 16"]),
+        (["method.name=sp", "method.sp.kept_pct=0.25"], ["optim.batch_size 8 is larger than the 4 queries", "'sp'"]),
+        (["data.eval_split=dev", "data.group_size=2"], ["dev.tsv: not found (splits here: test, train)"]),
+        (["data.train_split=dev"], ["dev.tsv: not found"]),
+    ],
+)
+def test_config_mistakes_are_caught_before_anything_is_written(
+    world, tmp_path, negatives_cache, capsys, overrides, parts
+):
     _, _, config = world
     out = tmp_path / "run"
     refused(capsys, ["train", str(config), "--out", str(out), *overrides], *parts)
@@ -307,8 +347,12 @@ def test_broken_eval_split_is_caught_before_mining(world, tmp_path, negatives_ca
     with open(broken / "qrels" / "test.tsv", "a") as f:
         f.write("q17\td999\t1\n")
     out = tmp_path / "run"
-    refused(capsys, ["train", str(config), "--out", str(out), f"data.path={broken}", "data.group_size=2"],
-            "test.tsv, line 10", "unknown document id 'd999'")
+    refused(
+        capsys,
+        ["train", str(config), "--out", str(out), f"data.path={broken}", "data.group_size=2"],
+        "test.tsv, line 10",
+        "unknown document id 'd999'",
+    )
     assert not out.exists() and not negatives_cache.exists()
 
 
@@ -322,8 +366,12 @@ def test_unsupported_model_module_is_refused_before_anything_is_written(world, t
     modules.append({"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"})
     (model / "modules.json").write_text(json.dumps(modules))
     out = tmp_path / "run"
-    refused(capsys, ["train", str(config), "--out", str(out), f"model.name={model}"],
-            "sentence_transformers.models.Dense", "supported: Transformer, Pooling, Normalize")
+    refused(
+        capsys,
+        ["train", str(config), "--out", str(out), f"model.name={model}"],
+        "sentence_transformers.models.Dense",
+        "supported: Transformer, Pooling, Normalize",
+    )
     assert not out.exists()
 
 
@@ -334,8 +382,12 @@ def test_headerless_qrels_with_a_decimal_score_is_an_error(world, tmp_path, caps
     folder = tmp_path / "decimal"
     shutil.copytree(data, folder)
     (folder / "qrels" / "test.tsv").write_text("q16\td16\t2.0\nq17\td17\t1\n")
-    refused(capsys, ["eval", "--model", str(GOLDEN / "tiny_bert"), "--data", str(folder)],
-            "test.tsv, line 1", "field 'score' must be an integer, got '2.0'")
+    refused(
+        capsys,
+        ["eval", "--model", str(GOLDEN / "tiny_bert"), "--data", str(folder)],
+        "test.tsv, line 1",
+        "field 'score' must be an integer, got '2.0'",
+    )
 
 
 # ----------------------------------------------------------------------------- the installed command
@@ -343,8 +395,9 @@ def test_headerless_qrels_with_a_decimal_score_is_an_error(world, tmp_path, caps
 
 def _command(*args, cwd=None):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}  # this checkout's opera_jax, whatever is installed
-    return subprocess.run([sys.executable, "-m", "opera_jax", *args], capture_output=True, text=True, env=env,
-                          cwd=cwd, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "opera_jax", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=300
+    )
 
 
 def test_version_and_python_dash_m(tmp_path):

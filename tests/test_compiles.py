@@ -38,8 +38,7 @@ def _collection(root):
     return root
 
 
-def test_the_step_compiles_once_per_bucket_and_never_mid_run(tiny_bert_dir, tmp_path, monkeypatch,
-                                                             no_persistent_cache):
+def test_the_step_compiles_once_per_bucket_and_never_mid_run(tiny_bert_dir, tmp_path, monkeypatch, no_persistent_cache):
     phase, compiles, shapes = [None], [], []
 
     def listener(event, duration, **kwargs):
@@ -55,15 +54,28 @@ def test_the_step_compiles_once_per_bucket_and_never_mid_run(tiny_bert_dir, tmp_
                 return method(self, state, batch)
             finally:
                 phase[0] = None
+
         return run
 
     monkeypatch.setattr(TrainStep, "__call__", within("step", TrainStep.__call__))
     monkeypatch.setattr(TrainStep, "compile", within("compile", TrainStep.compile))
-    config = load_config(None, [
-        f"model.name={tiny_bert_dir}", "model.pooling=mean", f"data.path={_collection(tmp_path / 'data')}",
-        "data.query_max_len=64",
-        "data.passage_max_len=64", "optim.batch_size=8", "optim.max_steps=12", "train.eval_every=0",
-        "train.checkpoint_every=0", "mining.rank_start=0", "mining.rank_end=20", "mining.num_negatives=8"])
+    config = load_config(
+        None,
+        [
+            f"model.name={tiny_bert_dir}",
+            "model.pooling=mean",
+            f"data.path={_collection(tmp_path / 'data')}",
+            "data.query_max_len=64",
+            "data.passage_max_len=64",
+            "optim.batch_size=8",
+            "optim.max_steps=12",
+            "train.eval_every=0",
+            "train.checkpoint_every=0",
+            "mining.rank_start=0",
+            "mining.rank_end=20",
+            "mining.num_negatives=8",
+        ],
+    )
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
         train_and_evaluate(config, tmp_path / "run", progress=False)

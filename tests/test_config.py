@@ -77,7 +77,11 @@ def test_release_hyperparameters_in_shipped_configs():
     bge = load_config(ROOT / "configs" / "bge-large-dp.yaml")
     assert (bge.optim.learning_rate, bge.optim.temperature, bge.optim.batch_size) == (1e-6, 0.02, 128)
     assert (bge.model.pooling, bge.model.dtype, bge.data.query_max_len, bge.data.passage_max_len) == (
-        "cls", "bfloat16", 128, 512)
+        "cls",
+        "bfloat16",
+        128,
+        512,
+    )
     assert bge.method.dp == Config().method.dp
     qwen = load_config(ROOT / "configs" / "qwen3-0.6b-basic.yaml")
     assert (qwen.model.pooling, qwen.model.padding_side, qwen.model.remat) == ("last", "left", True)
@@ -90,9 +94,20 @@ def test_release_hyperparameters_in_shipped_configs():
 
 def test_overrides(tmp_path):
     path = write(tmp_path, "optim:\n  learning_rate: 1.0e-4\nmodel:\n  pooling: cls\n")
-    c = load_config(path, ["optim.learning_rate=1e-5", "method.dp.strength_end=4", "model.pooling=null",
-                           "model.remat=true", "seed=7", "method.name=dp", "data.path=2024",
-                           "optim.temperature=0.02", "method.dp.refresh_every=10"])
+    c = load_config(
+        path,
+        [
+            "optim.learning_rate=1e-5",
+            "method.dp.strength_end=4",
+            "model.pooling=null",
+            "model.remat=true",
+            "seed=7",
+            "method.name=dp",
+            "data.path=2024",
+            "optim.temperature=0.02",
+            "method.dp.refresh_every=10",
+        ],
+    )
     assert c.optim.learning_rate == 1e-5 and isinstance(c.optim.learning_rate, float)
     assert c.method.dp.strength_end == 4.0 and isinstance(c.method.dp.strength_end, float)
     assert c.model.pooling is None and c.model.remat is True and c.seed == 7 and c.method.name == "dp"
@@ -131,17 +146,20 @@ def test_unknown_key_suggests_the_closest(tmp_path):
     assert error(path) == f"{path}: unknown key 'zzz'"
 
 
-@pytest.mark.parametrize("text, field, what", [
-    ("optim: {learning_rate: fast}", "optim.learning_rate", "number"),
-    ("optim: {batch_size: 1.5}", "optim.batch_size", "integer"),
-    ("optim: {batch_size: true}", "optim.batch_size", "integer"),  # a bool is not an int
-    ("seed: [1]", "seed", "integer"),
-    ("model: {remat: 1}", "model.remat", "boolean"),
-    ("model: {name: 3}", "model.name", "string"),
-    ("model: {pooling: 3}", "model.pooling", "string or null"),
-    ("optim: {learning_rate: .nan}", "optim.learning_rate", "number"),
-    ("optim: 3", "optim", "mapping"),
-])
+@pytest.mark.parametrize(
+    "text, field, what",
+    [
+        ("optim: {learning_rate: fast}", "optim.learning_rate", "number"),
+        ("optim: {batch_size: 1.5}", "optim.batch_size", "integer"),
+        ("optim: {batch_size: true}", "optim.batch_size", "integer"),  # a bool is not an int
+        ("seed: [1]", "seed", "integer"),
+        ("model: {remat: 1}", "model.remat", "boolean"),
+        ("model: {name: 3}", "model.name", "string"),
+        ("model: {pooling: 3}", "model.pooling", "string or null"),
+        ("optim: {learning_rate: .nan}", "optim.learning_rate", "number"),
+        ("optim: 3", "optim", "mapping"),
+    ],
+)
 def test_type_errors_name_the_field(tmp_path, text, field, what):
     path = write(tmp_path, text + "\n")
     msg = error(path)
@@ -154,43 +172,49 @@ def test_numbers_in_strings_and_ints_for_floats(tmp_path):
     assert isinstance(c.optim.max_grad_norm, float)
 
 
-@pytest.mark.parametrize("text, field", [
-    ("model: {pooling: max}", "model.pooling"),
-    ("model: {dtype: float16}", "model.dtype"),
-    ("model: {padding_side: up}", "model.padding_side"),
-    ("method: {name: magic}", "method.name"),
-    ("method: {sp: {mode: best}}", "method.sp.mode"),
-    ("method: {dp: {criterion: grad}}", "method.dp.criterion"),
-    ("method: {dp: {schedule: step}}", "method.dp.schedule"),
-    ("optim: {schedule: cosine}", "optim.schedule"),
-    ("data: {empty: drop}", "data.empty"),
-    ("mining: {mode: easy}", "mining.mode"),
-])
+@pytest.mark.parametrize(
+    "text, field",
+    [
+        ("model: {pooling: max}", "model.pooling"),
+        ("model: {dtype: float16}", "model.dtype"),
+        ("model: {padding_side: up}", "model.padding_side"),
+        ("method: {name: magic}", "method.name"),
+        ("method: {sp: {mode: best}}", "method.sp.mode"),
+        ("method: {dp: {criterion: grad}}", "method.dp.criterion"),
+        ("method: {dp: {schedule: step}}", "method.dp.schedule"),
+        ("optim: {schedule: cosine}", "optim.schedule"),
+        ("data: {empty: drop}", "data.empty"),
+        ("mining: {mode: easy}", "mining.mode"),
+    ],
+)
 def test_choices(tmp_path, text, field):
     path = write(tmp_path, text + "\n")
     msg = error(path)
     assert msg.startswith(f"{path}: {field} is ") and "not one of" in msg
 
 
-@pytest.mark.parametrize("text, field", [
-    ("method: {sp: {kept_pct: 0}}", "method.sp.kept_pct"),
-    ("method: {sp: {kept_pct: 1.5}}", "method.sp.kept_pct"),
-    ("optim: {learning_rate: -1.0e-5}", "optim.learning_rate"),
-    ("optim: {weight_decay: -0.1}", "optim.weight_decay"),
-    ("optim: {batch_size: 0}", "optim.batch_size"),
-    ("optim: {max_steps: 0}", "optim.max_steps"),
-    ("optim: {temperature: 0}", "optim.temperature"),
-    ("data: {group_size: 0}", "data.group_size"),
-    ("method: {dp: {delta: 0}}", "method.dp.delta"),
-    ("method: {dp: {delta: 1.5}}", "method.dp.delta"),
-    ("method: {dp: {query_cutoff_start: 1.0}}", "method.dp.query_cutoff_start"),
-    ("method: {dp: {pos_cutoff_end: 0}}", "method.dp.pos_cutoff_end"),
-    ("method: {dp: {strength_start: 1}}", "method.dp.strength_start"),
-    ("method: {dp: {pos_strength: 0.5}}", "method.dp.pos_strength"),
-    ("method: {dp: {refresh_every: 0}}", "method.dp.refresh_every"),
-    ("method: {infobatch: {ratio: 1}}", "method.infobatch.ratio"),
-    ("mesh: {fsdp: 0}", "mesh.fsdp"),
-])
+@pytest.mark.parametrize(
+    "text, field",
+    [
+        ("method: {sp: {kept_pct: 0}}", "method.sp.kept_pct"),
+        ("method: {sp: {kept_pct: 1.5}}", "method.sp.kept_pct"),
+        ("optim: {learning_rate: -1.0e-5}", "optim.learning_rate"),
+        ("optim: {weight_decay: -0.1}", "optim.weight_decay"),
+        ("optim: {batch_size: 0}", "optim.batch_size"),
+        ("optim: {max_steps: 0}", "optim.max_steps"),
+        ("optim: {temperature: 0}", "optim.temperature"),
+        ("data: {group_size: 0}", "data.group_size"),
+        ("method: {dp: {delta: 0}}", "method.dp.delta"),
+        ("method: {dp: {delta: 1.5}}", "method.dp.delta"),
+        ("method: {dp: {query_cutoff_start: 1.0}}", "method.dp.query_cutoff_start"),
+        ("method: {dp: {pos_cutoff_end: 0}}", "method.dp.pos_cutoff_end"),
+        ("method: {dp: {strength_start: 1}}", "method.dp.strength_start"),
+        ("method: {dp: {pos_strength: 0.5}}", "method.dp.pos_strength"),
+        ("method: {dp: {refresh_every: 0}}", "method.dp.refresh_every"),
+        ("method: {infobatch: {ratio: 1}}", "method.infobatch.ratio"),
+        ("mesh: {fsdp: 0}", "mesh.fsdp"),
+    ],
+)
 def test_ranges(tmp_path, text, field):
     path = write(tmp_path, text + "\n")
     assert error(path).startswith(f"{path}: {field} must be ")
@@ -259,14 +283,24 @@ def test_release_config_maps_onto_ours(caplog):
     assert (c.mining.rank_start, c.mining.rank_end, c.mining.num_negatives, c.mining.mode) == (10, 100, 200, "hard")
     assert c.optim.learning_rate == 1e-6 and c.optim.batch_size == 128 and c.optim.max_steps == 2000
     assert (c.optim.temperature, c.optim.warmup_ratio, c.optim.weight_decay, c.optim.max_grad_norm) == (
-        0.02, 0.05, 0.01, 1.0)
+        0.02,
+        0.05,
+        0.01,
+        1.0,
+    )
     assert c.optim.schedule == "linear"
 
     notices = [r for r in caplog.records if r.name == "opera_jax.release_config"]
     assert len(notices) == 1
     text = notices[0].getMessage()
-    for key in ("wandb", "local_rank", "optimization.logging_steps", "optimization.save_steps",
-                "evaluate.index_factory", "pretrain.cache_dir"):
+    for key in (
+        "wandb",
+        "local_rank",
+        "optimization.logging_steps",
+        "optimization.save_steps",
+        "evaluate.index_factory",
+        "pretrain.cache_dir",
+    ):
         assert key in text
     assert "16 x 8 devices = 128" in text
 
@@ -284,10 +318,15 @@ def release(tmp_path: Path, edit) -> Path:
     return write(tmp_path, yaml.safe_dump(data), "release.yaml")
 
 
-@pytest.mark.parametrize("level, kept, mode, method", [
-    ("none", 1.0, "ep", "basic"), ("none", 0.5, "hp", "sp"), ("none", 0.25, "ran", "sp"),
-    ("infobatch", 1.0, "ep", "infobatch"),
-])
+@pytest.mark.parametrize(
+    "level, kept, mode, method",
+    [
+        ("none", 1.0, "ep", "basic"),
+        ("none", 0.5, "hp", "sp"),
+        ("none", 0.25, "ran", "sp"),
+        ("infobatch", 1.0, "ep", "infobatch"),
+    ],
+)
 def test_release_methods(tmp_path, level, kept, mode, method):
     def edit(d):
         d["opera"]["level"] = level
@@ -303,8 +342,14 @@ def test_release_methods(tmp_path, level, kept, mode, method):
 def test_release_qwen_style(tmp_path):
     def edit(d):
         d["pretrain"].update(model_name_or_path="Qwen/Qwen3-Embedding-0.6B", padding_side="left")
-        d["optimization"].update(fp16=False, bf16=True, gradient_checkpointing=True, sentence_pooling_method="last",
-                                 learning_rate=1e-5, max_steps=4000)
+        d["optimization"].update(
+            fp16=False,
+            bf16=True,
+            gradient_checkpointing=True,
+            sentence_pooling_method="last",
+            learning_rate=1e-5,
+            max_steps=4000,
+        )
         d["mining"]["range_for_sampling"] = "50-500"
         d["data"]["query_max_len"] = 512
 
@@ -329,23 +374,26 @@ def test_release_unknown_key_is_an_error(tmp_path):
     assert "unknown key 'mystery_section'" in error(path)
 
 
-@pytest.mark.parametrize("edit, words", [
-    (lambda d: d["optimization"].update(negatives_cross_device=False), "negatives_cross_device"),
-    (lambda d: d["opera"]["query_selection"].update(reset_interval=2), "reset_interval"),
-    (lambda d: d["opera"]["positive_selection"].update(scheduler="linear"), "positive_selection.scheduler"),
-    (lambda d: d["opera"].update(level="document"), "opera.level"),
-    (lambda d: d["offline_pruning"].update(mode="best"), "offline_pruning.mode"),
-    (lambda d: d["offline_pruning"].update(kept_pct=0.5), "kept_pct"),  # SP combined with DP
-    (lambda d: d["mining"].update(range_for_sampling="10..100"), "mining.range_for_sampling"),
-    (lambda d: d["optimization"].update(per_device_train_batch_size="16"), "per_device_train_batch_size"),
-    (lambda d: d["optimization"].update(lr_scheduler_type="cosine"), "lr_scheduler_type"),
-    (lambda d: d["optimization"].pop("max_steps"), "max_steps"),
-    (lambda d: d["data"].update(test_data="beir/nfcorpus/test"), "data.test_data"),
-    (lambda d: d["pretrain"].update(tokenizer_name="bert-base-uncased"), "tokenizer_name"),
-    (lambda d: d["optimization"].update(temperature=0), "optim.temperature"),
-    (lambda d: d["optimization"].update(learning_rate="fast"), "optimization.learning_rate"),
-    (lambda d: d.update(optimization=3), "optimization"),
-])
+@pytest.mark.parametrize(
+    "edit, words",
+    [
+        (lambda d: d["optimization"].update(negatives_cross_device=False), "negatives_cross_device"),
+        (lambda d: d["opera"]["query_selection"].update(reset_interval=2), "reset_interval"),
+        (lambda d: d["opera"]["positive_selection"].update(scheduler="linear"), "positive_selection.scheduler"),
+        (lambda d: d["opera"].update(level="document"), "opera.level"),
+        (lambda d: d["offline_pruning"].update(mode="best"), "offline_pruning.mode"),
+        (lambda d: d["offline_pruning"].update(kept_pct=0.5), "kept_pct"),  # SP combined with DP
+        (lambda d: d["mining"].update(range_for_sampling="10..100"), "mining.range_for_sampling"),
+        (lambda d: d["optimization"].update(per_device_train_batch_size="16"), "per_device_train_batch_size"),
+        (lambda d: d["optimization"].update(lr_scheduler_type="cosine"), "lr_scheduler_type"),
+        (lambda d: d["optimization"].pop("max_steps"), "max_steps"),
+        (lambda d: d["data"].update(test_data="beir/nfcorpus/test"), "data.test_data"),
+        (lambda d: d["pretrain"].update(tokenizer_name="bert-base-uncased"), "tokenizer_name"),
+        (lambda d: d["optimization"].update(temperature=0), "optim.temperature"),
+        (lambda d: d["optimization"].update(learning_rate="fast"), "optimization.learning_rate"),
+        (lambda d: d.update(optimization=3), "optimization"),
+    ],
+)
 def test_release_values_we_cannot_honour(tmp_path, edit, words):
     path = release(tmp_path, edit)
     msg = error(path)
@@ -359,7 +407,11 @@ def test_cli_overrides_go_anywhere_after_the_config(capsys):
     assert (args.overrides, args.devices, args.fsdp) == (["a.b=1", "c=2"], 4, 2)
     args = parse_args(["train", "c.yaml", "x=1", "--out", "o", "y=2"])
     assert args.overrides == ["x=1", "y=2"] and str(args.out) == "o"
-    for bad in (["train", "c.yaml", "--bogus"], ["train", "c.yaml", "--out", "o", "-x=1"], ["export", "run", "--out", "o", "k=v"]):
+    for bad in (
+        ["train", "c.yaml", "--bogus"],
+        ["train", "c.yaml", "--out", "o", "-x=1"],
+        ["export", "run", "--out", "o", "k=v"],
+    ):
         with pytest.raises(SystemExit) as e:
             parse_args(bad)
         assert e.value.code == 2

@@ -61,12 +61,15 @@ def products(request, monkeypatch):
     return request.param
 
 
-@pytest.mark.parametrize("b,n,h,d,rate,empty", [
-    (2, 128, 12, 32, 0.0, False),  # MiniLM's heads at shape A's passage length
-    (3, 37, 4, 20, 0.0, True),  # neither n nor d a multiple of 16 (padded buffers); an all-masked sequence
-    (2, 64, 3, 64, 0.1, False),  # dropout
-    (1, 5, 2, 8, 0.5, True),  # fewer keys than one vector
-])
+@pytest.mark.parametrize(
+    "b,n,h,d,rate,empty",
+    [
+        (2, 128, 12, 32, 0.0, False),  # MiniLM's heads at shape A's passage length
+        (3, 37, 4, 20, 0.0, True),  # neither n nor d a multiple of 16 (padded buffers); an all-masked sequence
+        (2, 64, 3, 64, 0.1, False),  # dropout
+        (1, 5, 2, 8, 0.5, True),  # fewer keys than one vector
+    ],
+)
 def test_kernel_matches_xla_attention(b, n, h, d, rate, empty, products):
     ops_ = _operands(b, n, h, d, seed=n, rate=rate, empty=empty)
     want = _value_and_grads(_xla, *ops_[:5], rate, ops_[5])

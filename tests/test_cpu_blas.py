@@ -61,8 +61,9 @@ def test_dense_runs_its_three_products_through_mkl():
     want = jax.vjp(lambda x, k, b: x @ k + b, x, kernel, bias)[1](g)
     for got, w in zip((dx, dk, db), want):
         np.testing.assert_allclose(np.asarray(got), np.asarray(w), rtol=2e-5, atol=2e-5)
-    np.testing.assert_allclose(np.asarray(ops.dense(x, kernel, bias)), np.asarray(x @ kernel + bias),
-                               rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(
+        np.asarray(ops.dense(x, kernel, bias)), np.asarray(x @ kernel + bias), rtol=2e-5, atol=2e-5
+    )
 
 
 def test_xla_dots_where_mkl_is_turned_off_or_does_not_apply(monkeypatch):

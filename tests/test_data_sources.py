@@ -25,12 +25,15 @@ def test_tables_become_a_checked_split():
     assert listed.corpus.ids == ("0", "1") and listed.qrels == {"a": {"1": 1}}
 
 
-@pytest.mark.parametrize("qrels, message", [
-    ({"q1": {"nope": 1}}, r"qrels\['q1'\]\['nope'\]: unknown document id"),
-    ({"zz": {"c": 1}}, r"qrels\['zz'\]: unknown query id"),
-    ({"q1": {"c": "1"}}, r"grade must be an integer"),
-    ({}, "qrels: no judgments"),
-])
+@pytest.mark.parametrize(
+    "qrels, message",
+    [
+        ({"q1": {"nope": 1}}, r"qrels\['q1'\]\['nope'\]: unknown document id"),
+        ({"zz": {"c": 1}}, r"qrels\['zz'\]: unknown query id"),
+        ({"q1": {"c": "1"}}, r"grade must be an integer"),
+        ({}, "qrels: no judgments"),
+    ],
+)
 def test_bad_tables_name_the_entry(qrels, message):
     with pytest.raises(InputError, match=message):
         split_from_tables(QUERIES, CORPUS, qrels)
@@ -84,13 +87,16 @@ def test_pairs_jsonl_becomes_tables_and_negatives(tmp_path, gz):
     assert negatives[1].tolist() == [rows["cats purr"], -1] and (negatives[2] == -1).all()
 
 
-@pytest.mark.parametrize("line, message", [
-    ('{"query": "q", "pos": []}', "line 2: field 'pos' is empty"),
-    ('{"query": "q", "pos": "text"}', "line 2: field 'pos' must be a list of strings"),
-    ('{"pos": ["p"]}', "line 2: field 'query' must be a non-empty string"),
-    ('{"query": "q", "pos": ["p"], "neg": [1]}', "line 2: field 'neg' must be a list of strings"),
-    ("{not json", "line 2: invalid JSON"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"query": "q", "pos": []}', "line 2: field 'pos' is empty"),
+        ('{"query": "q", "pos": "text"}', "line 2: field 'pos' must be a list of strings"),
+        ('{"pos": ["p"]}', "line 2: field 'query' must be a non-empty string"),
+        ('{"query": "q", "pos": ["p"], "neg": [1]}', "line 2: field 'neg' must be a list of strings"),
+        ("{not json", "line 2: invalid JSON"),
+    ],
+)
 def test_bad_pairs_lines_name_the_line(tmp_path, line, message):
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps(ROWS[0]) + "\n" + line + "\n")
@@ -100,14 +106,21 @@ def test_bad_pairs_lines_name_the_line(tmp_path, line, message):
 
 # ----------------------------------------------------------------------------- the hub's BEIR layout
 
-HUB_CORPUS = [{"_id": "d1", "title": "T1", "text": "first doc"}, {"_id": 2, "title": "", "text": "second doc"},
-              {"_id": "d3", "title": "", "text": "third doc", "metadata": {}}]
+HUB_CORPUS = [
+    {"_id": "d1", "title": "T1", "text": "first doc"},
+    {"_id": 2, "title": "", "text": "second doc"},
+    {"_id": "d3", "title": "", "text": "third doc", "metadata": {}},
+]
 HUB_QUERIES = [{"_id": "1", "text": "query one", "metadata": {}}, {"_id": "2", "text": "query two"}]
-HUB_QRELS = {"test": "query-id\tcorpus-id\tscore\n1\td1\t1\n2\t2\t1\n", "train": "query-id\tcorpus-id\tscore\n2\td3\t1\n"}
+HUB_QRELS = {
+    "test": "query-id\tcorpus-id\tscore\n1\td1\t1\n2\t2\t1\n",
+    "train": "query-id\tcorpus-id\tscore\n2\td3\t1\n",
+}
 
 
 def _fake_hub(root, name, qrels=HUB_QRELS):
     """The hub cache as huggingface_hub lays it out: repo folders, refs/main, snapshots/<commit>/files."""
+
     def repo(repo_name, files):
         folder = root / f"datasets--BeIR--{repo_name}"
         commit = "0123456789abcdef0123456789abcdef01234567"
@@ -164,7 +177,8 @@ def test_hub_files_that_do_not_validate_leave_nothing(hub_cache, tmp_path):
     with pytest.raises(InputError, match="unknown document id 'missing'"):
         resolve_data_dir("beir/broken")
     assert not (tmp_path / "opera-cache" / "data" / "beir").exists() or not any(
-        (tmp_path / "opera-cache" / "data" / "beir").iterdir())
+        (tmp_path / "opera-cache" / "data" / "beir").iterdir()
+    )
 
 
 def test_bad_collection_names_are_refused(hub_cache):

@@ -16,9 +16,21 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_device_suite_runs_end_to_end_at_tiny_shapes(tmp_path):
-    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "device_suite.py"), "--tiny", "--out",
-                          str(tmp_path), "--shapes", "bge-large,qwen3-0.6b"], capture_output=True, text=True,
-                         timeout=1200, cwd=ROOT)
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "device_suite.py"),
+            "--tiny",
+            "--out",
+            str(tmp_path),
+            "--shapes",
+            "bge-large,qwen3-0.6b",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        cwd=ROOT,
+    )
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     assert "failed:" not in run.stderr, run.stderr[-2000:]
     results = json.loads((tmp_path / "device_suite.json").read_text())
@@ -54,8 +66,7 @@ def test_device_assets_minilm_in_fp16_loads_and_embeds_as_the_original(tmp_path,
     embeddings = []
     for path in (minilm_dir, small):
         enc = load_encoder(str(path))
-        tokens = tokenize(enc.tokenizer, ["fp16 weights travel light", "dense retrieval on a GPU"], 32,
-                          use_cache=False)
+        tokens = tokenize(enc.tokenizer, ["fp16 weights travel light", "dense retrieval on a GPU"], 32, use_cache=False)
         ids, mask = tokens.batch(np.arange(2), 32)
         embeddings.append(np.asarray(enc.model(jnp.asarray(ids), jnp.asarray(mask))))
     np.testing.assert_allclose(embeddings[1], embeddings[0], atol=2e-3)

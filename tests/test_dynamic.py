@@ -29,8 +29,18 @@ def _problem(seed=0, n=40):
 
 def _refresh(scores, pair_query, matrix, step, key, n0):
     state = dp.DPState(jnp.asarray(scores), jnp.full(len(scores), dp.UNSEEN))
-    return dp.refresh(state, step, key, jnp.asarray(pair_query), jnp.asarray(matrix), n0=n0,
-                      num_queries=matrix.shape[0], criterion="sim", total=TOTAL, hp=HP)
+    return dp.refresh(
+        state,
+        step,
+        key,
+        jnp.asarray(pair_query),
+        jnp.asarray(matrix),
+        n0=n0,
+        num_queries=matrix.shape[0],
+        criterion="sim",
+        total=TOTAL,
+        hp=HP,
+    )
 
 
 @pytest.mark.parametrize("t", [0, 250, 600, 1000, 1500])
@@ -39,7 +49,8 @@ def test_schedule_epoch_length_and_cutoff_match_the_oracle(t):
         for kind in ("cosine", "linear"):
             for delta in (1.0, 0.5):
                 assert float(dp.schedule(t, TOTAL, start, end, kind, delta)) == pytest.approx(
-                    oracle.schedule(t, TOTAL, start, end, kind, delta), rel=1e-6)
+                    oracle.schedule(t, TOTAL, start, end, kind, delta), rel=1e-6
+                )
     for n in (1, 7, 40, 809, 10_000):
         assert dp.epoch_length(n, 0.25, 2.0) == oracle.epoch_length(n)
     assert dp.epoch_length(800, 0.25, 2.0) == 500  # 0.625 n
@@ -51,8 +62,9 @@ def test_thresholds_and_kept_sets_match_the_oracle(t):
     n = matrix.shape[0]
     want = oracle.refresh_probabilities(scores.astype(np.float64), pair_query, n, t, TOTAL)
     state = dp.DPState(jnp.asarray(scores), jnp.zeros(len(scores)))
-    got = dp.selection(state, t, jnp.asarray(pair_query), n0=want["n0"], num_queries=n, criterion="sim",
-                       total=TOTAL, hp=HP)
+    got = dp.selection(
+        state, t, jnp.asarray(pair_query), n0=want["n0"], num_queries=n, criterion="sim", total=TOTAL, hp=HP
+    )
     assert float(got["r"]) == pytest.approx(want["r"], rel=1e-5)
     assert float(got["theta_q"]) == pytest.approx(want["theta_q"], abs=1e-5)
     assert float(got["theta_d"]) == pytest.approx(want["theta_d"], abs=1e-5)
@@ -98,8 +110,18 @@ def test_same_plan_on_one_and_eight_devices(mesh1, mesh8):
     for mesh in (mesh1, mesh8):
         put = lambda x: jax.device_put(jnp.asarray(x), NamedSharding(mesh, P()))
         state = dp.DPState(put(scores), put(np.full(len(scores), dp.UNSEEN, np.float32)))
-        q, p, _ = dp.refresh(state, 123, key, put(pair_query), put(matrix), n0=n0, num_queries=matrix.shape[0],
-                             criterion="sim", total=TOTAL, hp=HP)
+        q, p, _ = dp.refresh(
+            state,
+            123,
+            key,
+            put(pair_query),
+            put(matrix),
+            n0=n0,
+            num_queries=matrix.shape[0],
+            criterion="sim",
+            total=TOTAL,
+            hp=HP,
+        )
         plans.append((np.asarray(q), np.asarray(p)))
     np.testing.assert_array_equal(plans[0][0], plans[1][0])
     np.testing.assert_array_equal(plans[0][1], plans[1][1])
@@ -128,11 +150,19 @@ def test_loss_criterion_leaves_unseen_pairs_out_of_means_and_quantiles(keep_high
     rng = np.random.default_rng(t)
     losses = _losses(scores, pair_query, rng, unseen_queries=[0, 5, 17], unseen_pairs=rng.choice(len(scores), 6))
     hp = HP[:8] + (keep_higher, True)
-    want = oracle.refresh_probabilities(scores.astype(np.float64), pair_query, n, t, TOTAL,
-                                        query_values=losses.astype(np.float64), keep_higher_query=keep_higher)
+    want = oracle.refresh_probabilities(
+        scores.astype(np.float64),
+        pair_query,
+        n,
+        t,
+        TOTAL,
+        query_values=losses.astype(np.float64),
+        keep_higher_query=keep_higher,
+    )
     state = dp.DPState(jnp.asarray(scores), jnp.asarray(losses))
-    got = dp.selection(state, t, jnp.asarray(pair_query), n0=want["n0"], num_queries=n, criterion="loss",
-                       total=TOTAL, hp=hp)
+    got = dp.selection(
+        state, t, jnp.asarray(pair_query), n0=want["n0"], num_queries=n, criterion="loss", total=TOTAL, hp=hp
+    )
     assert float(got["theta_q"]) == pytest.approx(want["theta_q"], abs=1e-5)
     np.testing.assert_array_equal(np.asarray(got["kept"]), want["kept"])
     assert np.asarray(got["kept"])[[0, 5, 17]].all()

@@ -79,11 +79,13 @@ def test_sharded_checkpoint_loads_identically(tiny_bert_dir, tmp_path):
 
 
 def test_prefixed_and_legacy_names_load(tiny_bert_dir, tmp_path):
-    """"bert." prefixes (BertForMaskedLM checkpoints) and gamma/beta LayerNorm names."""
+    """ "bert." prefixes (BertForMaskedLM checkpoints) and gamma/beta LayerNorm names."""
     model_dir = _copy_model(tiny_bert_dir, tmp_path / "legacy")
     tensors = load_file(str(model_dir / "model.safetensors"))
-    renamed = {"bert." + k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
-               for k, v in tensors.items()}
+    renamed = {
+        "bert." + k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+        for k, v in tensors.items()
+    }
     renamed["cls.predictions.bias"] = np.zeros(3, np.float32)  # a task head: ignored
     save_file(renamed, str(model_dir / "model.safetensors"))
     g = np.load(GOLDEN / "tiny_bert.npz")
@@ -95,8 +97,11 @@ def test_name_map_round_trip(tiny_bert_dir):
     """Export names are exactly the checkpoint's names (pooler aside), with identical values."""
     enc = load_encoder(str(tiny_bert_dir))
     exported = hf_state_dict(enc.model.backbone, bert_params.NAME_MAP)
-    original = {k: v for k, v in load_file(str(tiny_bert_dir / "model.safetensors")).items()
-                if not bert_params.NAME_MAP.is_ignored(k)}
+    original = {
+        k: v
+        for k, v in load_file(str(tiny_bert_dir / "model.safetensors")).items()
+        if not bert_params.NAME_MAP.is_ignored(k)
+    }
     assert set(exported) == set(original)
     for k in original:
         np.testing.assert_array_equal(exported[k], original[k])
@@ -138,7 +143,8 @@ def test_missing_model_and_offline_hub_errors(tmp_path):
 def test_spec_overrides_and_prompts(tiny_bert_dir, tmp_path):
     model_dir = _copy_model(tiny_bert_dir, tmp_path / "prompts")
     (model_dir / "config_sentence_transformers.json").write_text(
-        json.dumps({"prompts": {"query": "query: ", "document": "passage: "}}))
+        json.dumps({"prompts": {"query": "query: ", "document": "passage: "}})
+    )
     spec = read_spec(model_dir, 64)
     assert (spec.query_prefix, spec.passage_prefix) == ("query: ", "passage: ")
     enc = load_encoder(str(model_dir), overrides={"pooling": "mean", "normalize": True})
@@ -164,7 +170,10 @@ def test_unknown_sentence_transformers_module_is_refused(tiny_bert_dir, tmp_path
     modules = json.loads((model_dir / "modules.json").read_text())
     modules.append({"idx": len(modules), "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"})
     (model_dir / "modules.json").write_text(json.dumps(modules))
-    with pytest.raises(InputError, match=r"modules.json: module '2' has type 'sentence_transformers.models.Dense'.*"
-                                         r"supported: Transformer, Pooling, Normalize"):
+    with pytest.raises(
+        InputError,
+        match=r"modules.json: module '2' has type 'sentence_transformers.models.Dense'.*"
+        r"supported: Transformer, Pooling, Normalize",
+    ):
         load_encoder(str(model_dir))
     assert read_spec(tiny_bert_dir, 64).pooling  # the golden's own modules are all supported

@@ -27,7 +27,9 @@ def _slice(split: BeirSplit, n_queries: int, n_docs: int, seed: int = 0) -> Beir
     c = split.corpus
     corpus = Corpus(tuple(c.ids[i] for i in rows), tuple(c.titles[i] for i in rows), tuple(c.texts[i] for i in rows))
     qindex = split.queries.index()
-    queries = dataclasses.replace(split.queries, ids=tuple(qids), texts=tuple(split.queries.texts[qindex[q]] for q in qids))
+    queries = dataclasses.replace(
+        split.queries, ids=tuple(qids), texts=tuple(split.queries.texts[qindex[q]] for q in qids)
+    )
     return BeirSplit(split.name, split.split, corpus, queries, {q: split.qrels[q] for q in qids})
 
 
@@ -35,14 +37,18 @@ def _slice(split: BeirSplit, n_queries: int, n_docs: int, seed: int = 0) -> Beir
 def test_real_minilm_on_a_scifact_slice_agrees_with_ir_measures(minilm_dir, data_root, mesh1):
     split = _slice(load_split(data_root / "scifact", "test"), n_queries=30, n_docs=300)
     enc = load_encoder(str(minilm_dir))
-    result = Evaluator(split, enc.tokenizer, enc.spec, max_query_len=64, max_passage_len=128, batch_size=32,
-                       mesh=mesh1)(enc.model)
+    result = Evaluator(
+        split, enc.tokenizer, enc.spec, max_query_len=64, max_passage_len=128, batch_size=32, mesh=mesh1
+    )(enc.model)
     assert set(result.run) == set(split.queries.ids)
     assert all(len(docs) == 100 for docs in result.run.values())
     qrels = [ir_measures.Qrel(q, d, g) for q, docs in split.qrels.items() for d, g in docs.items()]
     run = [ir_measures.ScoredDoc(q, d, s) for q, docs in result.run.items() for d, s in docs]
-    measures = {f"{name}@{k}": m @ k for name, m in (("ndcg", nDCG), ("recall", R), ("mrr", RR))
-                for k in (1, 5, 10, 20, 50, 100)}
+    measures = {
+        f"{name}@{k}": m @ k
+        for name, m in (("ndcg", nDCG), ("recall", R), ("mrr", RR))
+        for k in (1, 5, 10, 20, 50, 100)
+    }
     want = ir_measures.calc_aggregate(list(measures.values()), qrels, run)
     for key, measure in measures.items():
         assert result.metrics[key] == pytest.approx(want[measure], abs=1e-6), key
@@ -51,8 +57,24 @@ def test_real_minilm_on_a_scifact_slice_agrees_with_ir_measures(minilm_dir, data
 
 
 def test_eval_cli_writes_metrics_and_run(tiny_bert_dir, tmp_path, capsys):
-    assert main(["eval", "--model", str(tiny_bert_dir), "--data", "med", "--out", str(tmp_path),
-                 "--batch-size", "64", "--max-passage-len", "32"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(tiny_bert_dir),
+                "--data",
+                "med",
+                "--out",
+                str(tmp_path),
+                "--batch-size",
+                "64",
+                "--max-passage-len",
+                "32",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "NDCG" in printed and "Recall" in printed and "@10" in printed
     metrics = json.loads((tmp_path / "metrics.json").read_text())

@@ -32,6 +32,7 @@ def _model(tiny_bert_dir, dropout: bool):
 
 def _plain(graphdef, params, rest, batch):
     """The plain step's loss: whole batch through the encoder, autodiff end to end."""
+
     def loss_fn(p):
         model = nnx.merge(graphdef, p, rest, copy=True)
         q = model(batch["query_input_ids"], batch["query_attention_mask"])
@@ -82,8 +83,12 @@ def test_dropout_is_reproduced_in_the_second_pass(tiny_bert_dir):
             for c in range(n):
                 model = nnx.merge(graphdef, p, rest, copy=True)
                 nnx.reseed(model, dropout=jax.random.fold_in(key, offset + c))
-                outs.append(model(to_chunks(batch[f"{prefix}_input_ids"], n)[c],
-                                  to_chunks(batch[f"{prefix}_attention_mask"], n)[c]))
+                outs.append(
+                    model(
+                        to_chunks(batch[f"{prefix}_input_ids"], n)[c],
+                        to_chunks(batch[f"{prefix}_attention_mask"], n)[c],
+                    )
+                )
             return from_chunks(jnp.stack(outs))
 
         loss, per, pos = contrastive_loss(encode("query", 0), encode("passage", n), TAU, batch["weight"])
@@ -101,10 +106,12 @@ def test_sharded_on_eight_devices_equals_one_device_plain(tiny_bert_dir, mesh1, 
     graphdef, params, rest = _model(tiny_bert_dir, dropout=False)
     batch = _batch(b=16, seed=5)
     want = jax.jit(lambda p, b: _plain(graphdef, p, rest, b))(
-        jax.device_put(params, replicated(mesh1)), jax.device_put(batch, batch_sharding(mesh1)))
+        jax.device_put(params, replicated(mesh1)), jax.device_put(batch, batch_sharding(mesh1))
+    )
     key = jax.random.key(0)
     got = jax.jit(lambda p, b: cached_loss_and_grad(graphdef, p, rest, key, b, TAU, 8))(
-        jax.device_put(params, replicated(mesh8)), jax.device_put(batch, batch_sharding(mesh8)))
+        jax.device_put(params, replicated(mesh8)), jax.device_put(batch, batch_sharding(mesh8))
+    )
     _close(got, want)
 
 
@@ -131,8 +138,11 @@ def _steps(tiny_bert_dir, mesh, chunk, steps=3, rules=()):
     step = make_train_step(graphdef, rest, opt, TAU, update, grad_cache_chunk=chunk)
     losses = []
     for i in range(steps):
-        batch = {**_batch(b=16, seed=i), "pair": np.arange(16, dtype=np.int32) + 2 * i,
-                 "query": np.arange(16, dtype=np.int32)}
+        batch = {
+            **_batch(b=16, seed=i),
+            "pair": np.arange(16, dtype=np.int32) + 2 * i,
+            "query": np.arange(16, dtype=np.int32),
+        }
         state, out = step(state, jax.device_put(batch, batch_sharding(mesh)))
         losses.append(np.asarray(out["per_example_loss"]))
     return np.array(losses), np.asarray(state.method.scores), [np.asarray(x) for x in jax.tree.leaves(state.params)]
@@ -181,8 +191,9 @@ def test_fsdp_parameters_stay_split_inside_the_chunk_loops(tmp_path):
     opt = make_optimizer(1e-3, 10)
     state = jax.eval_shape(lambda p: init_state(p, opt, 0), params)
     mesh = make_mesh(fsdp=8)
-    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                         state, tree_shardings(state, mesh, FSDP_RULES))
+    state = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, tree_shardings(state, mesh, FSDP_RULES)
+    )
     rows = batch_sharding(mesh)
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=rows) for k, v in train_step_batch(64, 2).items()}
     hlo = make_train_step(graphdef, rest, opt, TAU, grad_cache_chunk=16).lower(state, batch).compile().as_text()

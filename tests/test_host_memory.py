@@ -8,8 +8,10 @@ import pytest
 
 from opera_jax.cpu.host_memory import huge_pages_possible, release_free_memory, with_hugetlb
 
-PRINT_AFTER = ("from opera_jax.cpu.host_memory import use_huge_pages; import os; print('started', flush=True); "
-               "use_huge_pages(); print(os.environ.get('GLIBC_TUNABLES'))")
+PRINT_AFTER = (
+    "from opera_jax.cpu.host_memory import use_huge_pages; import os; print('started', flush=True); "
+    "use_huge_pages(); print(os.environ.get('GLIBC_TUNABLES'))"
+)
 
 
 def test_tunable_is_added_once_and_others_kept():
@@ -21,8 +23,9 @@ def test_tunable_is_added_once_and_others_kept():
 
 def _run(**env):
     base = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "OPERA_JAX_HUGEPAGES")}
-    out = subprocess.run([sys.executable, "-c", PRINT_AFTER], env={**base, **env}, capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", PRINT_AFTER], env={**base, **env}, capture_output=True, text=True, check=True
+    )
     return out.stdout.split()
 
 

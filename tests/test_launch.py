@@ -32,13 +32,30 @@ TINY = ROOT / "tests" / "golden" / "tiny_bert"
 
 def _args(out: Path, *extra: str) -> list[str]:
     return [
-        sys.executable, "-m", "opera_jax.cli", "train", str(ROOT / "configs" / "quickstart.yaml"),
-        f"model.name={TINY}", "model.pooling=mean", "model.normalize=true", "data.path=med",
-        "data.query_max_len=16", "data.passage_max_len=32", "data.eval_batch_size=64",
-        "optim.batch_size=8", "optim.learning_rate=1e-3", "train.log_every=1",
-        "mining.rank_start=0", "mining.rank_end=20", "mining.num_negatives=8",
+        sys.executable,
+        "-m",
+        "opera_jax.cli",
+        "train",
+        str(ROOT / "configs" / "quickstart.yaml"),
+        f"model.name={TINY}",
+        "model.pooling=mean",
+        "model.normalize=true",
+        "data.path=med",
+        "data.query_max_len=16",
+        "data.passage_max_len=32",
+        "data.eval_batch_size=64",
+        "optim.batch_size=8",
+        "optim.learning_rate=1e-3",
+        "train.log_every=1",
+        "mining.rank_start=0",
+        "mining.rank_end=20",
+        "mining.num_negatives=8",
         # DP, refreshed every 2 steps: the plan changes during the run, from device state
-        "method.name=dp", "method.dp.refresh_every=2", *extra, "--out", str(out),
+        "method.name=dp",
+        "method.dp.refresh_every=2",
+        *extra,
+        "--out",
+        str(out),
     ]
 
 
@@ -55,8 +72,14 @@ STEPS = ["optim.max_steps=24", "train.eval_every=12", "train.checkpoint_every=2"
 
 
 def _two_processes(tmp_path, out, *extra):
-    return subprocess.run(["bash", str(LAUNCHER), "-n", "2", "-d", "2", "--", *_args(out, *extra)],
-                          env=_env(tmp_path), timeout=900, cwd=ROOT, capture_output=True, text=True)
+    return subprocess.run(
+        ["bash", str(LAUNCHER), "-n", "2", "-d", "2", "--", *_args(out, *extra)],
+        env=_env(tmp_path),
+        timeout=900,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
 
 
 def _rows(path: Path) -> list[dict]:
@@ -69,8 +92,10 @@ def _plans(run: Path) -> dict[int, np.ndarray]:
     from opera_jax.train.checkpoint import Checkpointer
 
     ckpt = Checkpointer(run / "checkpoints")
-    out = {s: np.asarray(ckpt.manager.restore(s, args=ocp.args.Composite(plan=ocp.args.StandardRestore()))
-                         ["plan"]["pair"]) for s in ckpt.manager.all_steps()}
+    out = {
+        s: np.asarray(ckpt.manager.restore(s, args=ocp.args.Composite(plan=ocp.args.StandardRestore()))["plan"]["pair"])
+        for s in ckpt.manager.all_steps()
+    }
     ckpt.close()
     return out
 
@@ -87,8 +112,14 @@ def test_killed_process_fails_the_job_and_two_processes_resumed_train_like_one(t
     one = base / "one"  # the reference: 1 process x 4 devices, uninterrupted
     subprocess.run(_args(one, *STEPS), env=_env(base, 4), check=True, timeout=900, cwd=ROOT)
     run = base / "killed"
-    job = subprocess.Popen(["bash", str(LAUNCHER), "-n", "2", "-d", "2", "--", *_args(run, *STEPS)],
-                           env=_env(base), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    job = subprocess.Popen(
+        ["bash", str(LAUNCHER), "-n", "2", "-d", "2", "--", *_args(run, *STEPS)],
+        env=_env(base),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 600
     pattern = f"^{sys.executable} -m opera_jax.cli train .*--out {run}$"
     workers = []
@@ -161,12 +192,23 @@ def _batch_env(tmp_path: Path, nodes: int, devices: int) -> dict:
     job = _slurm_job_id()
     return {
         **_env(tmp_path, devices),
-        "PATH": f"{FAKES}:{os.environ['PATH']}", "OPERA_VENV": str(venv),
-        "SLURM_JOB_ID": str(job), "SLURM_JOBID": str(job), "SLURM_JOB_NAME": "opera-jax",
-        "SLURM_JOB_NODELIST": ",".join(["127.0.0.1"] * nodes), "SLURM_NODELIST": ",".join(["127.0.0.1"] * nodes),
-        "SLURM_JOB_NUM_NODES": str(nodes), "SLURM_NNODES": str(nodes), "SLURM_NTASKS": str(nodes),
-        "SLURM_NPROCS": str(nodes), "SLURM_NTASKS_PER_NODE": "1", "SLURM_GPUS_ON_NODE": str(devices),
-        "SLURM_NODEID": "0", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_SUBMIT_DIR": str(ROOT),
+        "PATH": f"{FAKES}:{os.environ['PATH']}",
+        "OPERA_VENV": str(venv),
+        "SLURM_JOB_ID": str(job),
+        "SLURM_JOBID": str(job),
+        "SLURM_JOB_NAME": "opera-jax",
+        "SLURM_JOB_NODELIST": ",".join(["127.0.0.1"] * nodes),
+        "SLURM_NODELIST": ",".join(["127.0.0.1"] * nodes),
+        "SLURM_JOB_NUM_NODES": str(nodes),
+        "SLURM_NNODES": str(nodes),
+        "SLURM_NTASKS": str(nodes),
+        "SLURM_NPROCS": str(nodes),
+        "SLURM_NTASKS_PER_NODE": "1",
+        "SLURM_GPUS_ON_NODE": str(devices),
+        "SLURM_NODEID": "0",
+        "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0",
+        "SLURM_SUBMIT_DIR": str(ROOT),
     }
 
 
@@ -177,8 +219,14 @@ def test_slurm_job_of_two_nodes_trains_like_one_process(tmp_path):
     subprocess.run(_args(one, *steps), env=_env(tmp_path, 4), check=True, timeout=900, cwd=ROOT)
     two = tmp_path / "slurm"
     train_args = _args(two, *steps)[4:]  # what follows `opera-jax train`
-    job = subprocess.run(["bash", str(SBATCH), *train_args], env=_batch_env(tmp_path, 2, 2), cwd=tmp_path,
-                         timeout=900, capture_output=True, text=True)
+    job = subprocess.run(
+        ["bash", str(SBATCH), *train_args],
+        env=_batch_env(tmp_path, 2, 2),
+        cwd=tmp_path,
+        timeout=900,
+        capture_output=True,
+        text=True,
+    )
     assert job.returncode == 0, job.stderr[-3000:]
     a, b = _rows(one / "train_log.jsonl"), _rows(two / "train_log.jsonl")
     assert [r["step"] for r in a] == [1, 2] == [r["step"] for r in b]

@@ -52,9 +52,11 @@ def test_policies_reach_the_layers(name):
 
     layers = load_encoder(str(MODELS[name])).config.num_hidden_layers
     assert "remat" not in jaxpr("none") and "checkpoint" not in jaxpr("none")
-    for policy, shown in [("full", "policy=<function nothing_saveable"),
-                          ("dots_saveable", "policy=DotsSaveable(only_if_no_batch_dims=False)"),
-                          ("dots_with_no_batch_dims_saveable", "policy=DotsSaveable(only_if_no_batch_dims=True)")]:
+    for policy, shown in [
+        ("full", "policy=<function nothing_saveable"),
+        ("dots_saveable", "policy=DotsSaveable(only_if_no_batch_dims=False)"),
+        ("dots_with_no_batch_dims_saveable", "policy=DotsSaveable(only_if_no_batch_dims=True)"),
+    ]:
         assert jaxpr(policy).count(shown) >= layers, policy  # one checkpoint per layer
 
 

@@ -69,8 +69,9 @@ def toy(tiny_bert_dir, mesh1):
 
 def _mine(toy, mesh, **kwargs):
     enc, corpus, ts, _ = toy
-    return mine_negatives(enc, ts, corpus, query_max_len=Q_LEN, passage_max_len=P_LEN, batch_size=8,
-                          mesh=mesh, **kwargs)
+    return mine_negatives(
+        enc, ts, corpus, query_max_len=Q_LEN, passage_max_len=P_LEN, batch_size=8, mesh=mesh, **kwargs
+    )
 
 
 def _reference(toy, rank_start, rank_end, num_negatives, seed):
@@ -80,8 +81,11 @@ def _reference(toy, rank_start, rank_end, num_negatives, seed):
     lists = []
     for q in range(ts.num_queries):
         positives = set(ts.pair_doc[ts.query_offsets[q] : ts.query_offsets[q + 1]].tolist())
-        kept = [int(d) for d in ranking[q, rank_start:rank_end]
-                if d not in positives and corpus[d].strip() != ts.query_texts[q].strip()]
+        kept = [
+            int(d)
+            for d in ranking[q, rank_start:rank_end]
+            if d not in positives and corpus[d].strip() != ts.query_texts[q].strip()
+        ]
         if len(kept) > num_negatives:
             kept = [kept[i] for i in np.sort(rng.choice(len(kept), num_negatives, replace=False))]
         lists.append(kept)
@@ -179,8 +183,9 @@ def test_load_rejects_bad_files(toy, mesh1, tmp_path):
 def test_load_or_mine_reuses_only_a_matching_file(toy, mesh1, tmp_path, monkeypatch):
     enc, corpus, ts, _ = toy
     path = tmp_path / "negatives.npz"
-    kwargs = dict(rank_start=0, rank_end=20, num_negatives=5, query_max_len=Q_LEN, passage_max_len=P_LEN,
-                  batch_size=8, mesh=mesh1)
+    kwargs = dict(
+        rank_start=0, rank_end=20, num_negatives=5, query_max_len=Q_LEN, passage_max_len=P_LEN, batch_size=8, mesh=mesh1
+    )
     first = load_or_mine(path, enc, ts, corpus, seed=0, **kwargs)
     assert load_mining(path).meta == first.meta
 
@@ -194,8 +199,9 @@ def test_load_or_mine_reuses_only_a_matching_file(toy, mesh1, tmp_path, monkeypa
     changed = load_or_mine(path, enc, ts, corpus, seed=1, **kwargs)
     assert changed.meta["seed"] == 1 and load_mining(path).meta == changed.meta
     other_corpus = corpus[:-1] + ["a new last document"]
-    assert load_or_mine(path, enc, ts, other_corpus, seed=1, **kwargs).meta["fingerprint"] != changed.meta[
-        "fingerprint"]
+    assert (
+        load_or_mine(path, enc, ts, other_corpus, seed=1, **kwargs).meta["fingerprint"] != changed.meta["fingerprint"]
+    )
     assert json.loads(json.dumps(changed.meta)) == changed.meta
 
 
@@ -218,8 +224,19 @@ def test_minilm_on_scifact(minilm_dir, data_root, mesh1):
     corpus = [passages[r] for r in rows]
 
     enc = load_encoder(str(minilm_dir))
-    result = mine_negatives(enc, ts, corpus, rank_start=10, rank_end=100, num_negatives=50, seed=0,
-                            query_max_len=32, passage_max_len=32, batch_size=128, mesh=mesh1)
+    result = mine_negatives(
+        enc,
+        ts,
+        corpus,
+        rank_start=10,
+        rank_end=100,
+        num_negatives=50,
+        seed=0,
+        query_max_len=32,
+        passage_max_len=32,
+        batch_size=128,
+        mesh=mesh1,
+    )
     assert ts.num_queries == 20 and result.negatives.shape == (20, 50)
     assert result.counts.tolist() == [50] * 20  # 90 candidates, a few positives at most
     for q, negs in enumerate(_lists(result)):

@@ -13,8 +13,10 @@ from opera_jax.models.encoder import load_encoder
 from opera_jax.models.export import export_encoder
 from opera_jax.models.model_card import CardInfo, hub_id, parse_front_matter, render
 
-ROWS = ({"step": 0, "ndcg@10": 0.31234, "recall@20": 0.5, "mrr@10": 0.25, "recall@100": 0.75},
-        {"step": 60, "ndcg@10": 0.41111, "recall@20": 0.625, "mrr@10": 0.375, "recall@100": 0.875})
+ROWS = (
+    {"step": 0, "ndcg@10": 0.31234, "recall@20": 0.5, "mrr@10": 0.25, "recall@100": 0.75},
+    {"step": 60, "ndcg@10": 0.41111, "recall@20": 0.625, "mrr@10": 0.375, "recall@100": 0.875},
+)
 
 
 def test_plain_export_has_a_card_that_parses(tiny_bert_dir, tmp_path):
@@ -40,10 +42,18 @@ def test_hub_ids_of_model_references(minilm_dir, tmp_path):
 def test_run_card_holds_method_settings_and_the_evaluation_table(tiny_bert_dir):
     config = load_config(None, ["method.name=dp", "data.path=beir/scifact", "optim.learning_rate=1e-4"])
     enc = load_encoder(str(tiny_bert_dir), overrides={"query_prefix": "query: "})
-    info = CardInfo(base_model="sentence-transformers/all-MiniLM-L6-v2", config=config, metrics=ROWS,
-                    datasets=("BeIR/scifact", "BeIR/scifact-qrels"), data="`beir/scifact`, split `train`",
-                    eval_data="`beir/scifact`, split `test`", train_queries=809, train_pairs=919, step=60,
-                    negatives="1 per query, drawn from the hard negatives mined at ranks 10-100 by the base model")
+    info = CardInfo(
+        base_model="sentence-transformers/all-MiniLM-L6-v2",
+        config=config,
+        metrics=ROWS,
+        datasets=("BeIR/scifact", "BeIR/scifact-qrels"),
+        data="`beir/scifact`, split `train`",
+        eval_data="`beir/scifact`, split `test`",
+        train_queries=809,
+        train_pairs=919,
+        step=60,
+        negatives="1 per query, drawn from the hard negatives mined at ranks 10-100 by the base model",
+    )
     text = render(info, enc.spec, dim=32, architecture="bert", ref="/runs/x/model", title="x")
     meta = parse_front_matter(text)
     assert meta["base_model"] == "sentence-transformers/all-MiniLM-L6-v2"
@@ -121,8 +131,9 @@ def test_sentence_transformers_loads_the_export_and_its_card(tiny_bert_dir, tmp_
     texts = ["tiny bert", "a longer input with more characters in it", "x"]
     theirs = model.encode_query(texts, convert_to_numpy=True)
     np.testing.assert_allclose(theirs, ours.encode_queries(texts), atol=1e-5)
-    np.testing.assert_allclose(model.encode_document(texts, convert_to_numpy=True), ours.encode_passages(texts),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        model.encode_document(texts, convert_to_numpy=True), ours.encode_passages(texts), atol=1e-5
+    )
 
 
 def test_push_without_a_network_is_one_clear_error(tiny_bert_dir, tmp_path, monkeypatch):

@@ -25,8 +25,7 @@ def test_two_processes_match_one_process(tmp_path):
     subprocess.run([sys.executable, str(WORKER), str(one), "4"], check=True, timeout=600)
     two = tmp_path / "two.json"
     coordinator = f"127.0.0.1:{_free_port()}"
-    procs = [subprocess.Popen([sys.executable, str(WORKER), str(two), "2", coordinator, "2", str(i)])
-             for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, str(WORKER), str(two), "2", coordinator, "2", str(i)]) for i in range(2)]
     try:
         codes = [p.wait(timeout=600) for p in procs]
     finally:

@@ -28,8 +28,11 @@ def test_gelu_value_and_gradient_match_plain():
     got = jax.vjp(ops.gelu, x)[1](g)[0]
     np.testing.assert_allclose(got, want, atol=1e-6, rtol=1e-5)
     # Second-order use is not needed by the step, but the first derivative must be jittable.
-    np.testing.assert_allclose(jax.jit(jax.grad(lambda x: ops.gelu(x).sum()))(x),
-                               jax.grad(lambda x: jax.nn.gelu(x, approximate=False).sum())(x), atol=1e-6)
+    np.testing.assert_allclose(
+        jax.jit(jax.grad(lambda x: ops.gelu(x).sum()))(x),
+        jax.grad(lambda x: jax.nn.gelu(x, approximate=False).sum())(x),
+        atol=1e-6,
+    )
 
 
 @pytest.mark.parametrize("shape", [(3, 5, 384), (7, 16)])
@@ -40,8 +43,9 @@ def test_layer_norm_value_and_gradients_match_plain(shape):
     bias = jnp.asarray(rng.normal(size=shape[-1:]).astype(np.float32))
     g = jnp.asarray(rng.normal(size=shape).astype(np.float32))
     eps = 1e-12
-    np.testing.assert_allclose(ops.layer_norm(x, scale, bias, eps), _plain_layer_norm(x, scale, bias, eps),
-                               atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(
+        ops.layer_norm(x, scale, bias, eps), _plain_layer_norm(x, scale, bias, eps), atol=1e-5, rtol=1e-5
+    )
     want = jax.vjp(lambda *a: _plain_layer_norm(*a, eps), x, scale, bias)[1](g)
     got = jax.vjp(lambda *a: ops.layer_norm(*a, eps), x, scale, bias)[1](g)
     for name, a, b in zip(("x", "scale", "bias"), got, want):
@@ -161,8 +165,11 @@ def _dots_fused_into_ynnpack(dense) -> int:
     f = lambda x, k: ops.layer_norm(dense(x, k, bias) + x, scale, bias, 1e-12)
     hlo = jax.jit(f).lower(x, kernel).compile().as_text()
     bodies = dict(re.findall(r"^%?([\w.\-]+) \(.*?\) -> .*? \{\n(.*?)\n\}", hlo, re.S | re.M))
-    fusions = [re.search(r"calls=%?([\w.\-]+)", line).group(1) for line in hlo.splitlines()
-               if "__ynn_fusion" in line and "calls=" in line]
+    fusions = [
+        re.search(r"calls=%?([\w.\-]+)", line).group(1)
+        for line in hlo.splitlines()
+        if "__ynn_fusion" in line and "calls=" in line
+    ]
     return sum(" dot(" in bodies.get(name, "") for name in fusions)
 
 
@@ -234,7 +241,7 @@ def test_compiled_backward_holds_one_layer_of_attention_probabilities():
         for i in range(6):
             q = jnp.tanh(x * (1.0 + 0.1 * i))
             x = x + ops.attention(q, q * 1.1, q * 0.9, bias)
-        return (x ** 2).sum()
+        return (x**2).sum()
 
     assert _compiled_temp_bytes(f, jnp.ones((b, h, n, d))) < 4 * b * h * n * n * 4
 
@@ -248,7 +255,7 @@ def test_compiled_backward_keeps_one_array_per_gelu_dense():
     def mlp(x, w1, w2, bias):
         for i in range(6):
             x = x + ops.gelu_dense(jnp.tanh(x) @ w1 * (1 + 0.1 * i), w2, bias)
-        return (x ** 2).sum()
+        return (x**2).sum()
 
     args = (jnp.ones((t, d)), jnp.full((d, f), 0.1), jnp.full((f, d), 0.1), jnp.zeros(d))
     assert _compiled_temp_bytes(mlp, *args) < 9 * t * f * 4

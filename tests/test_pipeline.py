@@ -29,8 +29,15 @@ def ts():
     neg_counts = np.array([5, 5, 1, 0, 5, 5, 5, 2, 5, 5], np.int32)
     for q in range(n):
         negatives[q, : neg_counts[q]] = rng.choice(docs, neg_counts[q], replace=False)
-    return TrainingSet(tuple(f"q{i}" for i in range(n)), tuple(f"text {i}" for i in range(n)),
-                       pair_query, pair_doc, offsets, negatives, neg_counts)
+    return TrainingSet(
+        tuple(f"q{i}" for i in range(n)),
+        tuple(f"text {i}" for i in range(n)),
+        pair_query,
+        pair_doc,
+        offsets,
+        negatives,
+        neg_counts,
+    )
 
 
 @pytest.fixture
@@ -79,8 +86,11 @@ def test_deterministic_by_seed_and_resumable(ts, tokens):
     c = list(iterate(make_dataset(plan, ts, qt, dt, spec, seed=2)))
     assert len(a) == 7
     assert all((x["passage_input_ids"] == y["passage_input_ids"]).all() for x, y in zip(a, b))
-    assert any(x["passage_input_ids"].shape != y["passage_input_ids"].shape
-               or (x["passage_input_ids"] != y["passage_input_ids"]).any() for x, y in zip(a, c))
+    assert any(
+        x["passage_input_ids"].shape != y["passage_input_ids"].shape
+        or (x["passage_input_ids"] != y["passage_input_ids"]).any()
+        for x, y in zip(a, c)
+    )
     it = iterate(make_dataset(plan, ts, qt, dt, spec, seed=1))
     for _ in range(3):
         next(it)

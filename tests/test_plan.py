@@ -77,19 +77,30 @@ def test_bf16_halves_parameter_bytes(plans, name):
 
 
 def test_presets_cover_the_release_models():
-    assert presets() == ["BAAI/bge-large-en-v1.5", "Qwen/Qwen3-Embedding-0.6B", "Qwen/Qwen3-Embedding-4B",
-                         "Qwen/Qwen3-Embedding-8B"]
+    assert presets() == [
+        "BAAI/bge-large-en-v1.5",
+        "Qwen/Qwen3-Embedding-0.6B",
+        "Qwen/Qwen3-Embedding-4B",
+        "Qwen/Qwen3-Embedding-8B",
+    ]
     hf, source = model_config("Qwen/Qwen3-Embedding-0.6B")  # offline in tests
     assert source.startswith("architecture preset") and hf["hidden_size"] == 1024
     from opera_jax.models.qwen3 import Qwen3Config
 
     # parameter counts of the public checkpoints (embedders: no language-model head)
-    counts = {"Qwen/Qwen3-Embedding-0.6B": 595_776_512, "Qwen/Qwen3-Embedding-4B": 4_021_774_336,
-              "Qwen/Qwen3-Embedding-8B": 7_567_295_488}
+    counts = {
+        "Qwen/Qwen3-Embedding-0.6B": 595_776_512,
+        "Qwen/Qwen3-Embedding-4B": 4_021_774_336,
+        "Qwen/Qwen3-Embedding-8B": 7_567_295_488,
+    }
     for name, want in counts.items():
         c = Qwen3Config.from_hf(model_config(name)[0])
-        layer = (c.hidden_size * c.head_dim * (2 * c.num_attention_heads + 2 * c.num_key_value_heads)
-                 + 3 * c.hidden_size * c.intermediate_size + 2 * c.hidden_size + 2 * c.head_dim)
+        layer = (
+            c.hidden_size * c.head_dim * (2 * c.num_attention_heads + 2 * c.num_key_value_heads)
+            + 3 * c.hidden_size * c.intermediate_size
+            + 2 * c.hidden_size
+            + 2 * c.head_dim
+        )
         assert c.vocab_size * c.hidden_size + c.num_hidden_layers * layer + c.hidden_size == want, name
 
 
@@ -106,12 +117,15 @@ def test_cli_plan_writes_json(tmp_path, capsys):
     assert row["fsdp"] == 8 and row["devices"] == 8 and row["flops"] > 0
 
 
-@pytest.mark.parametrize("args", [
-    ["--devices", "8", "--fsdp", "3"],  # fsdp does not divide the devices
-    ["--devices", "64"],  # more devices than this process has
-    ["optim.batch_sizee=8"],  # unknown key
-    ["model.name=no/such-model"],  # neither resolvable nor a preset
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--devices", "8", "--fsdp", "3"],  # fsdp does not divide the devices
+        ["--devices", "64"],  # more devices than this process has
+        ["optim.batch_sizee=8"],  # unknown key
+        ["model.name=no/such-model"],  # neither resolvable nor a preset
+    ],
+)
 def test_cli_plan_bad_input_exits_2(tmp_path, capsys, args):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"model: {{name: {MODELS['bert']}}}\n")

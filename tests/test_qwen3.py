@@ -135,7 +135,8 @@ def test_sharded_checkpoint_loads_identically(tiny, golden, tmp_path):
         save_file({k: tensors[k] for k in names[s::3]}, str(model_dir / file), metadata={"format": "pt"})
         weight_map.update({k: file for k in names[s::3]})
     (model_dir / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map}))
+        json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map})
+    )
     ids, mask = golden["input_ids"], golden["attention_mask"]
     np.testing.assert_array_equal(_embed(load_encoder(str(model_dir)).model, ids, mask), _embed(tiny.model, ids, mask))
 
@@ -159,7 +160,10 @@ def test_name_map_covers_every_tensor(tiny):
         (lambda t: t.pop("model.layers.2.self_attn.k_norm.weight"), "lacks 1 parameter"),
         (lambda t: t.pop("model.norm.weight"), "lacks 1 parameter"),
         (lambda t: t.__setitem__("model.layers.0.self_attn.surprise.weight", np.zeros(2, np.float32)), "surprise"),
-        (lambda t: t.__setitem__("model.layers.0.self_attn.q_proj.bias", np.zeros(128, np.float32)), "which the model lacks"),
+        (
+            lambda t: t.__setitem__("model.layers.0.self_attn.q_proj.bias", np.zeros(128, np.float32)),
+            "which the model lacks",
+        ),
         (lambda t: t.__setitem__("model.layers.1.mlp.up_proj.weight", np.zeros((64, 128), np.float32)), "shape"),
     ],
     ids=["missing-layer-tensor", "missing-final-norm", "unexpected", "bias-without-attention_bias", "transposed"],
@@ -192,7 +196,9 @@ def test_attention_bias_flag(tiny, golden, tmp_path):
     ids, mask = golden["input_ids"], golden["attention_mask"]
     assert np.abs(_embed(biased.model, ids, mask) - _embed(tiny.model, ids, mask)).max() > 1e-3
     exported = hf_state_dict(biased.model.backbone, qwen3_params.NAME_MAP)
-    np.testing.assert_array_equal(exported["layers.2.self_attn.o_proj.bias"], tensors["model.layers.2.self_attn.o_proj.bias"])
+    np.testing.assert_array_equal(
+        exported["layers.2.self_attn.o_proj.bias"], tensors["model.layers.2.self_attn.o_proj.bias"]
+    )
 
 
 # --- config.json -----------------------------------------------------------------------------
@@ -266,8 +272,10 @@ def _finetuned(model, seed=0, scale=0.05):
     model = nnx.clone(model)
     leaves, treedef = jax.tree.flatten(nnx.state(model, nnx.Param))
     keys = jax.random.split(jax.random.key(seed), len(leaves))
-    nnx.update(model, jax.tree.unflatten(treedef, [x + scale * jax.random.normal(k, x.shape, x.dtype)
-                                                   for x, k in zip(leaves, keys)]))
+    nnx.update(
+        model,
+        jax.tree.unflatten(treedef, [x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]),
+    )
     return model
 
 
@@ -314,8 +322,9 @@ def test_transformers_loads_the_export(tiny, golden, exported):
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     ids, mask = golden["input_ids"], golden["attention_mask"]
     with torch.no_grad():
-        theirs = model.eval()(input_ids=torch.as_tensor(ids, dtype=torch.long),
-                              attention_mask=torch.as_tensor(mask)).last_hidden_state.numpy()
+        theirs = model.eval()(
+            input_ids=torch.as_tensor(ids, dtype=torch.long), attention_mask=torch.as_tensor(mask)
+        ).last_hidden_state.numpy()
     ours = np.asarray(tuned.backbone(jnp.asarray(ids), jnp.asarray(mask)))
     assert _hidden_diff(ours, theirs, mask) <= TOL
     pooled = theirs[:, -1] / np.linalg.norm(theirs[:, -1], axis=-1, keepdims=True)  # left padded: last is real

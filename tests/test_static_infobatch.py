@@ -3,9 +3,8 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
-
 import opera_oracle as oracle
+import pytest
 
 from opera_jax.data.training import TrainingSet
 from opera_jax.methods import infobatch
@@ -16,8 +15,13 @@ def _ts(counts):
     counts = np.asarray(counts)
     n = len(counts)
     pair_query = np.repeat(np.arange(n), counts).astype(np.int32)
-    return TrainingSet(tuple(f"q{i}" for i in range(n)), tuple(f"t{i}" for i in range(n)), pair_query,
-                       np.arange(len(pair_query), dtype=np.int32), np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
+    return TrainingSet(
+        tuple(f"q{i}" for i in range(n)),
+        tuple(f"t{i}" for i in range(n)),
+        pair_query,
+        np.arange(len(pair_query), dtype=np.int32),
+        np.concatenate([[0], np.cumsum(counts)]).astype(np.int32),
+    )
 
 
 def test_kept_pairs_modes():
@@ -68,8 +72,11 @@ def test_infobatch_keeps_at_least_one_batch():
     assert counts.min() == 16 and counts.max() > 16
     for order, count in zip(orders, counts):
         assert len(set(order.tolist())) == 20 and set(order[count:].tolist()) <= set(range(10))
-    free = np.asarray(jax.jit(jax.vmap(lambda k: infobatch.select(losses, k, 0.5, anneal=False)[1]))(
-        jax.random.split(jax.random.key(0), 200)))
+    free = np.asarray(
+        jax.jit(jax.vmap(lambda k: infobatch.select(losses, k, 0.5, anneal=False)[1]))(
+            jax.random.split(jax.random.key(0), 200)
+        )
+    )
     assert free.min() < 16  # without the floor the same draws go below one batch
 
 
@@ -77,8 +84,9 @@ def test_infobatch_anneals_and_records_losses():
     losses = jnp.asarray(np.linspace(0, 2, 50), jnp.float32)
     order, count, weights = infobatch.select(losses, jax.random.key(1), 0.25, anneal=True)
     assert int(count) == 50 and (np.asarray(weights) == 1).all()
-    new = infobatch.update(jnp.full(4, infobatch.UNSEEN), {"query": jnp.array([2, 0])},
-                           jnp.array([0.5, 1.5]), jnp.zeros(2))
+    new = infobatch.update(
+        jnp.full(4, infobatch.UNSEEN), {"query": jnp.array([2, 0])}, jnp.array([0.5, 1.5]), jnp.zeros(2)
+    )
     np.testing.assert_allclose(new, [1.5, np.nan, 0.5, np.nan])  # NaN == NaN here
 
 

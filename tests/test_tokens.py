@@ -45,8 +45,10 @@ def test_loading_a_tokenizer_does_not_import_transformers(minilm_dir):
     import subprocess
     import sys
 
-    code = ("import sys; from pathlib import Path; from opera_jax.data.tokens import load_tokenizer; "
-            f"load_tokenizer(Path({str(minilm_dir)!r})); print('transformers' in sys.modules)")
+    code = (
+        "import sys; from pathlib import Path; from opera_jax.data.tokens import load_tokenizer; "
+        f"load_tokenizer(Path({str(minilm_dir)!r})); print('transformers' in sys.modules)"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == "False" and "PyTorch" not in done.stderr, done.stderr
 

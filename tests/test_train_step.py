@@ -48,8 +48,10 @@ def test_schedule_warms_up_then_decays_to_zero():
 
 def test_no_weight_decay_on_layernorm_and_biases(tiny_bert_dir):
     params = nnx.state(load_encoder(str(tiny_bert_dir)).model, nnx.Param)
-    flat = {tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey)): v
-            for path, v in jax.tree_util.tree_leaves_with_path(decay_mask(params))}
+    flat = {
+        tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey)): v
+        for path, v in jax.tree_util.tree_leaves_with_path(decay_mask(params))
+    }
     assert flat[("backbone", "layers", 0, "attention", "query", "kernel")]
     assert flat[("backbone", "embeddings", "word", "embedding")]
     assert not flat[("backbone", "layers", 0, "attention", "query", "bias")]

@@ -17,13 +17,29 @@ pytestmark = pytest.mark.slow  # the fast tier (-m "not slow") leaves this file 
 
 
 def _config(tiny_bert_dir, *extra):
-    return load_config(None, [
-        f"model.name={tiny_bert_dir}", "model.pooling=mean", "model.normalize=true",
-        "data.path=med", "data.query_max_len=16", "data.passage_max_len=32", "data.eval_batch_size=64",
-        "optim.batch_size=8", "optim.max_steps=8", "optim.learning_rate=1e-3", "optim.temperature=0.1",
-        "train.eval_every=4", "train.checkpoint_every=3", "train.log_every=2",
-        "mining.rank_start=0", "mining.rank_end=20", "mining.num_negatives=8", *extra,
-    ])
+    return load_config(
+        None,
+        [
+            f"model.name={tiny_bert_dir}",
+            "model.pooling=mean",
+            "model.normalize=true",
+            "data.path=med",
+            "data.query_max_len=16",
+            "data.passage_max_len=32",
+            "data.eval_batch_size=64",
+            "optim.batch_size=8",
+            "optim.max_steps=8",
+            "optim.learning_rate=1e-3",
+            "optim.temperature=0.1",
+            "train.eval_every=4",
+            "train.checkpoint_every=3",
+            "train.log_every=2",
+            "mining.rank_start=0",
+            "mining.rank_end=20",
+            "mining.num_negatives=8",
+            *extra,
+        ],
+    )
 
 
 def test_run_logs_evaluates_and_exports(tiny_bert_dir, tmp_path):
@@ -78,8 +94,14 @@ def test_divergence_stops_with_the_last_good_checkpoint(tiny_bert_dir, tmp_path)
 
 @pytest.mark.parametrize("method", ["sp", "dp", "infobatch"])
 def test_pruning_methods_train_end_to_end(tiny_bert_dir, tmp_path, method):
-    cfg = _config(tiny_bert_dir, f"method.name={method}", "method.sp.kept_pct=0.5", "method.dp.refresh_every=1",
-                  "optim.max_steps=4", "train.eval_every=0")
+    cfg = _config(
+        tiny_bert_dir,
+        f"method.name={method}",
+        "method.sp.kept_pct=0.5",
+        "method.dp.refresh_every=1",
+        "optim.max_steps=4",
+        "train.eval_every=0",
+    )
     last = train_and_evaluate(cfg, tmp_path, progress=False)
     assert last["step"] == 4 and 0 <= last["ndcg@10"] <= 1
 
@@ -105,13 +127,12 @@ def test_static_pruning_batches_pair_each_query_with_its_own_tokens(tiny_bert_di
     def spy(plan, ts, query_tokens, *args, **kwargs):
         for q in np.unique(plan.query):
             want = tokenize(tokenizer, [ts.query_texts[q]], 16, use_cache=False)
-            got = query_tokens.flat[query_tokens.offsets[q]: query_tokens.offsets[q] + query_tokens.lengths[q]]
+            got = query_tokens.flat[query_tokens.offsets[q] : query_tokens.offsets[q] + query_tokens.lengths[q]]
             seen.append(np.array_equal(got, want.flat))
         return real(plan, ts, query_tokens, *args, **kwargs)
 
     monkeypatch.setattr(trainer, "make_dataset", spy)
-    cfg = _config(tiny_bert_dir, "method.name=sp", "method.sp.kept_pct=0.5", "optim.max_steps=2",
-                  "train.eval_every=0")
+    cfg = _config(tiny_bert_dir, "method.name=sp", "method.sp.kept_pct=0.5", "optim.max_steps=2", "train.eval_every=0")
     train_and_evaluate(cfg, tmp_path, progress=False)
     assert seen and all(seen)
 
@@ -120,12 +141,26 @@ def test_tiny_qwen3_runs_dp_with_cached_gradients_end_to_end(tmp_path):
     """The LLM-embedder path: last-token pooling, left padding, query prompt, DP refreshes, GradCache, export."""
     from conftest import GOLDEN
 
-    cfg = load_config(None, [
-        f"model.name={GOLDEN / 'tiny_qwen3'}", "data.path=med", "data.query_max_len=16", "data.passage_max_len=32",
-        "data.eval_batch_size=64", "optim.batch_size=16", "optim.grad_cache_chunk=8", "optim.max_steps=4",
-        "optim.learning_rate=1e-3", "train.eval_every=0", "method.name=dp", "method.dp.refresh_every=1",
-        "mining.rank_start=0", "mining.rank_end=20", "mining.num_negatives=8",
-    ])
+    cfg = load_config(
+        None,
+        [
+            f"model.name={GOLDEN / 'tiny_qwen3'}",
+            "data.path=med",
+            "data.query_max_len=16",
+            "data.passage_max_len=32",
+            "data.eval_batch_size=64",
+            "optim.batch_size=16",
+            "optim.grad_cache_chunk=8",
+            "optim.max_steps=4",
+            "optim.learning_rate=1e-3",
+            "train.eval_every=0",
+            "method.name=dp",
+            "method.dp.refresh_every=1",
+            "mining.rank_start=0",
+            "mining.rank_end=20",
+            "mining.num_negatives=8",
+        ],
+    )
     last = train_and_evaluate(cfg, tmp_path, progress=False)
     assert last["step"] == 4 and 0 <= last["ndcg@10"] <= 1
     enc = load_encoder(str(tmp_path / "model"))

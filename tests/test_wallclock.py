@@ -20,8 +20,12 @@ def _harness():
 
 def test_time_to_target_is_the_first_point_at_or_above_it():
     w = _harness()
-    curve = [{"seconds": 0, "ndcg@10": 0.3}, {"seconds": 10, "ndcg@10": 0.41}, {"seconds": 20, "ndcg@10": 0.39},
-             {"seconds": 30, "ndcg@10": 0.45}]
+    curve = [
+        {"seconds": 0, "ndcg@10": 0.3},
+        {"seconds": 10, "ndcg@10": 0.41},
+        {"seconds": 20, "ndcg@10": 0.39},
+        {"seconds": 30, "ndcg@10": 0.45},
+    ]
     assert w.time_to_target(curve, 0.4) == 10
     assert w.time_to_target(curve, 0.45) == 30
     assert w.time_to_target(curve, 0.46) is None
@@ -30,10 +34,16 @@ def test_time_to_target_is_the_first_point_at_or_above_it():
 def _result(data, finals, paired=None):
     methods = {}
     for m, per_seed in finals.items():
-        methods[m] = {"final": {k: {"mean": sum(v) / len(v), "std": 0.0, "per_seed": v}
-                                for k, v in (("ndcg@10", per_seed), ("recall@20", [x + 0.1 for x in per_seed]))}}
+        methods[m] = {
+            "final": {
+                k: {"mean": sum(v) / len(v), "std": 0.0, "per_seed": v}
+                for k, v in (("ndcg@10", per_seed), ("recall@20", [x + 0.1 for x in per_seed]))
+            }
+        }
         if paired and m in paired:
-            methods[m]["paired_vs_basic"] = {k: {"mean_diff": paired[m], "p_value": 0.5} for k in ("ndcg@10", "recall@20")}
+            methods[m]["paired_vs_basic"] = {
+                k: {"mean_diff": paired[m], "p_value": 0.5} for k in ("ndcg@10", "recall@20")
+            }
     return {"setup": {"data": data}, "methods": methods}
 
 
@@ -58,8 +68,21 @@ def test_cross_collection_report_means_over_collections(tmp_path, capsys):
 
 def test_add_seeds_takes_the_saved_setup_and_a_new_setup_needs_a_new_out(tmp_path):
     w = _harness()
-    first = ["--data", "med", "--model", "m", "--passes", "40", "--eval-every", "5", "--seeds", "0,1",
-             "--out", str(tmp_path), "optim.learning_rate=1e-5"]
+    first = [
+        "--data",
+        "med",
+        "--model",
+        "m",
+        "--passes",
+        "40",
+        "--eval-every",
+        "5",
+        "--seeds",
+        "0,1",
+        "--out",
+        str(tmp_path),
+        "optim.learning_rate=1e-5",
+    ]
     args = w.parse_args(first)
     assert args.passes == 40 and args.max_steps is None
     (tmp_path / "setup.json").write_text(json.dumps(w._setup_of(args)))
@@ -76,18 +99,37 @@ def test_add_seeds_takes_the_saved_setup_and_a_new_setup_needs_a_new_out(tmp_pat
 def test_harness_writes_results_curves_and_summary(tiny_bert_dir, tmp_path):
     wallclock = _harness()
     out = tmp_path / "out"
-    args = ["--data", "med", "--model", str(tiny_bert_dir), "--methods", "pretrain,basic,dp", "--max-steps", "4",
-            "--eval-every", "2", "--seeds", "0,1", "--out", str(out),
-            "model.pooling=mean", "model.normalize=true", "data.query_max_len=16", "data.passage_max_len=32",
-            "optim.batch_size=8", "optim.learning_rate=1e-3", "mining.rank_start=0", "mining.rank_end=20",
-            "mining.num_negatives=8"]
+    args = [
+        "--data",
+        "med",
+        "--model",
+        str(tiny_bert_dir),
+        "--methods",
+        "pretrain,basic,dp",
+        "--max-steps",
+        "4",
+        "--eval-every",
+        "2",
+        "--seeds",
+        "0,1",
+        "--out",
+        str(out),
+        "model.pooling=mean",
+        "model.normalize=true",
+        "data.query_max_len=16",
+        "data.passage_max_len=32",
+        "optim.batch_size=8",
+        "optim.learning_rate=1e-3",
+        "mining.rank_start=0",
+        "mining.rank_end=20",
+        "mining.num_negatives=8",
+    ]
     assert wallclock.main(args) == 0
     results = json.loads((out / "results.json").read_text())
     assert set(results["methods"]) == {"pretrain", "basic", "dp"}
     basic, dp = results["methods"]["basic"], results["methods"]["dp"]
     assert [p["step"] for p in basic["curve"]] == [0, 2, 4]
-    assert basic["final"]["ndcg@10"]["mean"] == pytest.approx(
-        sum(basic["final"]["ndcg@10"]["per_seed"]) / 2)
+    assert basic["final"]["ndcg@10"]["mean"] == pytest.approx(sum(basic["final"]["ndcg@10"]["per_seed"]) / 2)
     assert results["methods"]["pretrain"]["curve"][0]["step"] == 0
     assert "paired_vs_basic" in dp and dp["paired_vs_basic"]["ndcg@10"]["wins"] >= 0
     assert 0 <= dp["paired_vs_basic"]["recall@20"]["p_value"] <= 1

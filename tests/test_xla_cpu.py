@@ -22,7 +22,8 @@ print("ynn" if "__ynn_fusion" in text else "other")
 def test_flag_is_added_once_and_the_users_flags_kept():
     assert with_xla_cpu_flags(None) == FLAG
     assert with_xla_cpu_flags("--xla_force_host_platform_device_count=8") == (
-        "--xla_force_host_platform_device_count=8 " + FLAG)
+        "--xla_force_host_platform_device_count=8 " + FLAG
+    )
     assert with_xla_cpu_flags(with_xla_cpu_flags("")) == FLAG
     own = "--xla_cpu_experimental_ynn_fusion_type=REDUCE"
     assert with_xla_cpu_flags(own) == own  # the user's choice stands
@@ -44,8 +45,13 @@ def test_only_for_the_measured_jaxlib_releases(monkeypatch):
 
 def _compiled_dot(**env) -> str:
     base = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "OPERA_JAX_XLA_CPU_FLAGS")}
-    out = subprocess.run([sys.executable, "-c", COMPILE_A_DOT], env={**base, "JAX_PLATFORMS": "cpu", **env},
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", COMPILE_A_DOT],
+        env={**base, "JAX_PLATFORMS": "cpu", **env},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return out.stdout.split()[-1]
 
 

@@ -48,8 +48,10 @@ from opera_jax.sharding import per_device
 
 SOURCE = cpu_kernels.CSRC / "attention.cc"
 # pass -> (XLA custom-call target, the library's handler symbol)
-TARGETS = {"forward": ("opera_attention_forward", "OperaAttentionForward"),
-           "backward": ("opera_attention_backward", "OperaAttentionBackward")}
+TARGETS = {
+    "forward": ("opera_attention_forward", "OperaAttentionForward"),
+    "backward": ("opera_attention_backward", "OperaAttentionBackward"),
+}
 
 
 ENV = "OPERA_JAX_CPU_ATTENTION"  # "0": never use the kernel
@@ -123,8 +125,9 @@ def _forward(q, k, v, bias2, keep, bq, bv, rate, scale):
 def _backward(q, k, v, bias2, keep, bq, bv, m, inv, g, rate, scale):
     """``(dq, dk, dv, dbias per head [b, heads, n])``."""
     _, n, h, d = q.shape
-    shapes = lambda b: (jax.ShapeDtypeStruct((b, n, h, d), jnp.float32),) * 3 + (
-        jax.ShapeDtypeStruct((b, h, n), jnp.float32),)
+    shapes = lambda b: (
+        (jax.ShapeDtypeStruct((b, n, h, d), jnp.float32),) * 3 + (jax.ShapeDtypeStruct((b, h, n), jnp.float32),)
+    )
     return _kernel("backward", shapes, keep, rate, scale, bq, bv, q, k, v, bias2, m, inv, g)
 
 
@@ -150,9 +153,16 @@ def _attention_bwd(rate, scale, res, g):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array,
-              keep: jax.Array | None = None, rate: float = 0.0,
-              qkv_bias: tuple[jax.Array, jax.Array, jax.Array] | None = None, scale: float = 1.0) -> jax.Array:
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    bias: jax.Array,
+    keep: jax.Array | None = None,
+    rate: float = 0.0,
+    qkv_bias: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+    scale: float = 1.0,
+) -> jax.Array:
     """``dropout(softmax(scale (q + bq)(k + bk)^T + bias)) (v + bv)`` per head for ``[b, n, heads,
     head_dim]`` f32 ``q``, ``k``, ``v``, the projections' biases ``qkv_bias = (bq, bk, bv)`` (each
     ``[heads * head_dim]``; ``None``: none) and a ``[b, 1, 1, n]`` key bias; ``keep``: dropout's

@@ -65,8 +65,9 @@ def _library() -> ctypes.CDLL | None:
         return None
     libraries, version = mkl
     link = (*map(str, libraries), f"-Wl,-rpath,{libraries[0].parent}")
-    return cpu_kernels.load(SOURCE, {TARGET: SYMBOL}, "the dense layers' products run as XLA dots",
-                            link, extra_key=f"mkl {version}")
+    return cpu_kernels.load(
+        SOURCE, {TARGET: SYMBOL}, "the dense layers' products run as XLA dots", link, extra_key=f"mkl {version}"
+    )
 
 
 def available() -> bool:

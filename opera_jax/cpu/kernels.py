@@ -80,10 +80,21 @@ def build(source: Path, compiler: str, out_dir: Path, link: tuple[str, ...] = ()
 
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
     headers = [h.read_text() for h in sorted(source.parent.glob("*.h"))]  # what the sources include
-    key = hashlib.sha256("\0".join(
-        [source.read_text(), *headers, compiler, version, " ".join(FLAGS), " ".join(link), extra_key,
-         jaxlib.__version__, _cpu_signature()]
-    ).encode()).hexdigest()[:20]
+    key = hashlib.sha256(
+        "\0".join(
+            [
+                source.read_text(),
+                *headers,
+                compiler,
+                version,
+                " ".join(FLAGS),
+                " ".join(link),
+                extra_key,
+                jaxlib.__version__,
+                _cpu_signature(),
+            ]
+        ).encode()
+    ).hexdigest()[:20]
     lib = out_dir / f"{source.stem}-{key}.so"
     if lib.exists():
         return lib
@@ -95,8 +106,9 @@ def build(source: Path, compiler: str, out_dir: Path, link: tuple[str, ...] = ()
     return lib
 
 
-def load(source: Path, targets: dict[str, str], fallback: str, link: tuple[str, ...] = (),
-         extra_key: str = "") -> ctypes.CDLL | None:
+def load(
+    source: Path, targets: dict[str, str], fallback: str, link: tuple[str, ...] = (), extra_key: str = ""
+) -> ctypes.CDLL | None:
     """Compile ``source`` (now, if needed, into :func:`cache_dir`), load it, register each
     ``{XLA custom-call target: the library's handler symbol}`` with XLA:CPU and return the library.
     ``None``, after a one-line warning that ends with ``fallback`` (what runs instead), where there

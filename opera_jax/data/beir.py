@@ -56,8 +56,15 @@ Qrels = dict[str, dict[str, int]]
 """Query id -> {document id: grade}, in file order."""
 
 _INTEGER = re.compile(r"[+-]?[0-9]+")
-_JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number",
-               bool: "a boolean", type(None): "null"}
+_JSON_TYPES = {
+    dict: "an object",
+    list: "an array",
+    str: "a string",
+    int: "a number",
+    float: "a number",
+    bool: "a boolean",
+    type(None): "null",
+}
 
 
 class _Rows:
@@ -160,7 +167,7 @@ def resolve_data_dir(path: str | os.PathLike[str] | None = None) -> Path:
     if path is not None and str(path).startswith("beir/") and not Path(path).expanduser().exists():
         from opera_jax.data.hub_data import fetch_beir  # a hub collection by name, fetched once
 
-        return fetch_beir(str(path)[len("beir/"):])
+        return fetch_beir(str(path)[len("beir/") :])
     if path is not None:
         given = Path(path).expanduser()
         if given.exists():
@@ -170,9 +177,11 @@ def resolve_data_dir(path: str | os.PathLike[str] | None = None) -> Path:
             for root in roots:
                 if (root / given).is_dir():
                     return root / given
-            raise InputError(f"data dir {str(path)!r}: no such path, nor a collection under "
-                             + " or ".join(str(r) for r in roots)
-                             + ("" if env else f" (set ${DATA_ENV} to your root of collections)"))
+            raise InputError(
+                f"data dir {str(path)!r}: no such path, nor a collection under "
+                + " or ".join(str(r) for r in roots)
+                + ("" if env else f" (set ${DATA_ENV} to your root of collections)")
+            )
         raise InputError(f"data dir {given}: no such directory")
     if env:
         env_dir = Path(env).expanduser()
@@ -198,8 +207,10 @@ def load_corpus(path: str | os.PathLike[str], *, empty: str = "error") -> Corpus
         text = _string_field(file, n, obj, "text", required=True)
         if not (title.strip() or text.strip()):
             if empty == "error":
-                raise InputError(f"{file}, line {n}: field 'text' is empty (and so is 'title') for _id "
-                                 f"{doc_id!r}; load with empty='skip' to drop such documents")
+                raise InputError(
+                    f"{file}, line {n}: field 'text' is empty (and so is 'title') for _id "
+                    f"{doc_id!r}; load with empty='skip' to drop such documents"
+                )
             skipped.append(doc_id)
             continue
         ids.append(doc_id)
@@ -222,8 +233,10 @@ def load_queries(path: str | os.PathLike[str], *, empty: str = "error") -> Queri
         text = _string_field(file, n, obj, "text", required=True)
         if not text.strip():
             if empty == "error":
-                raise InputError(f"{file}, line {n}: field 'text' is empty for _id {query_id!r}; "
-                                 "load with empty='skip' to drop such queries")
+                raise InputError(
+                    f"{file}, line {n}: field 'text' is empty for _id {query_id!r}; "
+                    "load with empty='skip' to drop such queries"
+                )
             skipped.append(query_id)
             continue
         ids.append(query_id)
@@ -261,8 +274,10 @@ def load_qrels(
     for k, (n, line) in enumerate(_lines(file)):
         cols = [c.strip() for c in line.split("\t")]
         if len(cols) != len(QRELS_COLUMNS):
-            raise InputError(f"{file}, line {n}: expected {len(QRELS_COLUMNS)} tab-separated columns "
-                             f"({', '.join(QRELS_COLUMNS)}), got {len(cols)}")
+            raise InputError(
+                f"{file}, line {n}: expected {len(QRELS_COLUMNS)} tab-separated columns "
+                f"({', '.join(QRELS_COLUMNS)}), got {len(cols)}"
+            )
         if k == 0 and is_qrels_header(cols):
             continue
         query_id, doc_id, score = cols
@@ -275,15 +290,17 @@ def load_qrels(
             dropped += 1
             continue
         if query_index is not None and query_id not in query_index:
-            raise InputError(f"{file}, line {n}: field 'query-id': unknown query id {query_id!r} "
-                             f"(not in {QUERIES_FILE})")
+            raise InputError(
+                f"{file}, line {n}: field 'query-id': unknown query id {query_id!r} (not in {QUERIES_FILE})"
+            )
         if corpus_index is not None and doc_id not in corpus_index:
-            raise InputError(f"{file}, line {n}: field 'corpus-id': unknown document id {doc_id!r} "
-                             "(not in the corpus)")
+            raise InputError(f"{file}, line {n}: field 'corpus-id': unknown document id {doc_id!r} (not in the corpus)")
         pair = (query_id, doc_id)
         if pair in first_line:
-            raise InputError(f"{file}, line {n}: fields 'query-id', 'corpus-id': duplicate judgment of "
-                             f"query {query_id!r}, document {doc_id!r} (first on line {first_line[pair]})")
+            raise InputError(
+                f"{file}, line {n}: fields 'query-id', 'corpus-id': duplicate judgment of "
+                f"query {query_id!r}, document {doc_id!r} (first on line {first_line[pair]})"
+            )
         first_line[pair] = n
         qrels.setdefault(query_id, {})[doc_id] = int(score)
     if dropped:
@@ -299,8 +316,14 @@ def load_split(path: str | os.PathLike[str], split: str = "test", *, empty: str 
     corpus = load_corpus(folder, empty=empty)
     queries = load_queries(folder, empty=empty)
     qindex = queries.index()
-    qrels = load_qrels(folder, split, corpus_index=corpus.index(), query_index=qindex,
-                       skipped_docs=frozenset(corpus.skipped_ids), skipped_queries=frozenset(queries.skipped_ids))
+    qrels = load_qrels(
+        folder,
+        split,
+        corpus_index=corpus.index(),
+        query_index=qindex,
+        skipped_docs=frozenset(corpus.skipped_ids),
+        skipped_queries=frozenset(queries.skipped_ids),
+    )
     rows = sorted(qindex[q] for q in qrels)
     judged = Queries(tuple(queries.ids[i] for i in rows), tuple(queries.texts[i] for i in rows), queries.skipped_ids)
     return BeirSplit(folder.resolve().name, split, corpus, judged, qrels)
@@ -357,8 +380,9 @@ def _corpus_file(folder: Path) -> Path:
     if len(found) > 1:
         raise InputError(f"{folder}: both {' and '.join(CORPUS_FILES)} exist, which is ambiguous; keep one")
     if not found:
-        collections = sorted(c.name for c in folder.iterdir()
-                             if c.is_dir() and any((c / name).exists() for name in CORPUS_FILES))
+        collections = sorted(
+            c.name for c in folder.iterdir() if c.is_dir() and any((c / name).exists() for name in CORPUS_FILES)
+        )
         hint = f"; {folder} is a root of collections ({', '.join(collections)}): pass one" if collections else ""
         raise InputError(f"{folder / CORPUS_FILES[0]}: file not found (nor {CORPUS_FILES[1]}){hint}")
     return _require_file(found[0])
@@ -380,8 +404,10 @@ def _read_text(file: Path) -> str:
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
         line_start = raw.rfind(b"\n", 0, e.start) + 1
-        raise InputError(f"{file}, line {line}: invalid UTF-8 "
-                         f"(byte 0x{raw[e.start]:02x} at byte {e.start - line_start + 1} of the line)") from None
+        raise InputError(
+            f"{file}, line {line}: invalid UTF-8 "
+            f"(byte 0x{raw[e.start]:02x} at byte {e.start - line_start + 1} of the line)"
+        ) from None
     return text.removeprefix("\ufeff")
 
 
@@ -423,8 +449,9 @@ def _records(file: Path) -> Iterator[tuple[int, str, dict[str, Any]]]:
         if not record_id.strip():
             raise InputError(f"{file}, line {n}: field '_id' is empty")
         if record_id in first_line:
-            raise InputError(f"{file}, line {n}: field '_id': duplicate id {record_id!r} "
-                             f"(first on line {first_line[record_id]})")
+            raise InputError(
+                f"{file}, line {n}: field '_id': duplicate id {record_id!r} (first on line {first_line[record_id]})"
+            )
         first_line[record_id] = n
         yield n, record_id, obj
 

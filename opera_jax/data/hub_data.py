@@ -71,11 +71,19 @@ def convert(corpus_repo: Path, qrels_repo: Path, target: Path, *, source: str = 
             shutil.copyfile(tsv, tmp / "qrels" / tsv.name)
         (tmp / "SOURCE.md").write_text(
             f"Fetched from the Hugging Face hub: datasets {source} ({corpus_repo.name}) and "
-            f"{source}-qrels ({qrels_repo.name}); converted by opera_jax.data.hub_data.\n", encoding="utf-8")
+            f"{source}-qrels ({qrels_repo.name}); converted by opera_jax.data.hub_data.\n",
+            encoding="utf-8",
+        )
         docs, qs = load_corpus(tmp, empty="skip"), load_queries(tmp, empty="skip")
         for tsv in splits:
-            load_qrels(tmp, tsv.stem, corpus_index=docs.index(), query_index=qs.index(),
-                       skipped_docs=frozenset(docs.skipped_ids), skipped_queries=frozenset(qs.skipped_ids))
+            load_qrels(
+                tmp,
+                tsv.stem,
+                corpus_index=docs.index(),
+                query_index=qs.index(),
+                skipped_docs=frozenset(docs.skipped_ids),
+                skipped_queries=frozenset(qs.skipped_ids),
+            )
         shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
     except BaseException:
@@ -109,7 +117,8 @@ def _download(repo_id: str, patterns: list[str]) -> Path:
     except LocalEntryNotFoundError:
         raise InputError(
             f"dataset {repo_id!r}: not downloaded yet and the Hugging Face hub cannot be reached (offline?); "
-            f"{_local_alternatives()}") from None
+            f"{_local_alternatives()}"
+        ) from None
     except (HfHubHTTPError, OSError, ValueError) as e:
         raise InputError(f"dataset {repo_id!r}: cannot be fetched from the Hugging Face hub ({e})") from None
 
@@ -119,7 +128,14 @@ def _local_alternatives() -> str:
     from opera_jax.data import beir
 
     roots = [Path(p).expanduser() for p in (os.environ.get(beir.DATA_ENV), beir.default_data_root(), cache_root()) if p]
-    names = sorted({c.name for r in roots if r.is_dir() for c in r.iterdir()
-                    if c.is_dir() and any((c / f).exists() for f in beir.CORPUS_FILES)})
+    names = sorted(
+        {
+            c.name
+            for r in roots
+            if r.is_dir()
+            for c in r.iterdir()
+            if c.is_dir() and any((c / f).exists() for f in beir.CORPUS_FILES)
+        }
+    )
     local = f"local collections: {', '.join(names)}" if names else "no local collections found"
     return f"pass a BEIR folder instead ({local})"

@@ -139,9 +139,19 @@ def mine_negatives(
     ``ts.query_texts`` tokenised with the spec's prefixes at ``passage_max_len``
     / ``query_max_len``; otherwise they are tokenised here.
     """
-    meta = mining_meta(encoder, ts, corpus_texts, rank_start=rank_start, rank_end=rank_end,
-                       num_negatives=num_negatives, seed=seed, mode=mode, query_max_len=query_max_len,
-                       passage_max_len=passage_max_len, model_name=model_name)
+    meta = mining_meta(
+        encoder,
+        ts,
+        corpus_texts,
+        rank_start=rank_start,
+        rank_end=rank_end,
+        num_negatives=num_negatives,
+        seed=seed,
+        mode=mode,
+        query_max_len=query_max_len,
+        passage_max_len=passage_max_len,
+        model_name=model_name,
+    )
     rng = np.random.default_rng(seed)
     if mode == "random":
         negatives, counts = _random_negatives(ts, len(corpus_texts), num_negatives, rng)
@@ -154,17 +164,32 @@ def mine_negatives(
         if len(doc_tokens) != len(corpus_texts) or len(query_tokens) != ts.num_queries:
             raise ValueError("doc_tokens / query_tokens do not match the corpus / the training queries")
         common = dict(batch_size=batch_size, padding_side=spec.padding_side, mesh=mesh)
-        docs = encode(encoder.model, doc_tokens, max_len=passage_max_len,
-                      desc="mining: encode corpus" if progress else None, **common)
-        queries = encode(encoder.model, query_tokens, max_len=query_max_len,
-                         desc="mining: encode queries" if progress else None, **common)
+        docs = encode(
+            encoder.model,
+            doc_tokens,
+            max_len=passage_max_len,
+            desc="mining: encode corpus" if progress else None,
+            **common,
+        )
+        queries = encode(
+            encoder.model,
+            query_tokens,
+            max_len=query_max_len,
+            desc="mining: encode queries" if progress else None,
+            **common,
+        )
         _, ranked = exact_topk(queries, docs, rank_end, mesh=mesh)
         candidates = ranked[:, rank_start:rank_end]
         excluded = _excluded_keys(ts, corpus_texts)
         keep = ~np.isin(_pair_keys(np.arange(ts.num_queries)[:, None], candidates, len(corpus_texts)), excluded)
         negatives, counts = _choose(candidates, keep, num_negatives, rng)
-    log.info("mined %s negatives: %d queries, %.1f negatives per query on average (at most %d)",
-             mode, ts.num_queries, float(counts.mean()) if len(counts) else 0.0, num_negatives)
+    log.info(
+        "mined %s negatives: %d queries, %.1f negatives per query on average (at most %d)",
+        mode,
+        ts.num_queries,
+        float(counts.mean()) if len(counts) else 0.0,
+        num_negatives,
+    )
     return MiningResult(negatives, counts, meta)
 
 
@@ -193,14 +218,17 @@ def _excluded_keys(ts: TrainingSet, corpus_texts: Sequence[str]) -> np.ndarray:
             same_q.append(q)
             same_d.append(d)
     num_docs = len(corpus_texts)
-    return np.concatenate([
-        _pair_keys(ts.pair_query, ts.pair_doc, num_docs),
-        _pair_keys(np.asarray(same_q, np.int64), np.asarray(same_d, np.int64), num_docs),
-    ])
+    return np.concatenate(
+        [
+            _pair_keys(ts.pair_query, ts.pair_doc, num_docs),
+            _pair_keys(np.asarray(same_q, np.int64), np.asarray(same_d, np.int64), num_docs),
+        ]
+    )
 
 
-def _choose(candidates: np.ndarray, keep: np.ndarray, num_negatives: int,
-            rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _choose(
+    candidates: np.ndarray, keep: np.ndarray, num_negatives: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """Per row, the kept candidates, cut to ``num_negatives`` at random when longer; rank order kept."""
     n, width = candidates.shape
     negatives = np.full((n, min(num_negatives, width)), -1, np.int32)
@@ -214,8 +242,9 @@ def _choose(candidates: np.ndarray, keep: np.ndarray, num_negatives: int,
     return negatives, counts
 
 
-def _random_negatives(ts: TrainingSet, num_docs: int, num_negatives: int,
-                      rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _random_negatives(
+    ts: TrainingSet, num_docs: int, num_negatives: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """Per query, up to ``num_negatives`` distinct non-positive rows, uniform over the corpus, sorted."""
     negatives = np.full((ts.num_queries, min(num_negatives, num_docs)), -1, np.int32)
     counts = np.zeros(ts.num_queries, np.int32)
@@ -236,8 +265,12 @@ def _random_negatives(ts: TrainingSet, num_docs: int, num_negatives: int,
 def save_mining(path: str | os.PathLike, result: MiningResult) -> None:
     """Write ``result`` as one ``.npz`` (no pickle), atomically."""
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.savez(f, negatives=result.negatives.astype(np.int32), counts=result.counts.astype(np.int32),
-                 meta=np.array(json.dumps(result.meta, sort_keys=True)))
+        np.savez(
+            f,
+            negatives=result.negatives.astype(np.int32),
+            counts=result.counts.astype(np.int32),
+            meta=np.array(json.dumps(result.meta, sort_keys=True)),
+        )
 
 
 def load_mining(path: str | os.PathLike) -> MiningResult:
@@ -275,8 +308,9 @@ def _validate(negatives: np.ndarray, counts: np.ndarray, meta: Any) -> str | Non
     return None
 
 
-def load_or_mine(path: str | os.PathLike, encoder: Encoder, ts: TrainingSet, corpus_texts: Sequence[str],
-                 **kwargs: Any) -> MiningResult:
+def load_or_mine(
+    path: str | os.PathLike, encoder: Encoder, ts: TrainingSet, corpus_texts: Sequence[str], **kwargs: Any
+) -> MiningResult:
     """The negatives saved at ``path`` when their ``meta`` matches these arguments, else mine and save them.
 
     ``kwargs`` are those of ``mine_negatives``. Every process mines (encoding is

@@ -96,8 +96,14 @@ class _Example:
 class _Collate:
     """A global batch of indices -> this host's token arrays, shapes fixed by the global batch."""
 
-    def __init__(self, query_tokens: TokenArrays, doc_tokens: TokenArrays, spec: BatchSpec,
-                 process_index: int, process_count: int):
+    def __init__(
+        self,
+        query_tokens: TokenArrays,
+        doc_tokens: TokenArrays,
+        spec: BatchSpec,
+        process_index: int,
+        process_count: int,
+    ):
         self.q, self.d, self.spec = query_tokens, doc_tokens, spec
         self.q_buckets = train_buckets(spec.query_max_len, spec.query_bucket_count)
         self.p_buckets = train_buckets(spec.passage_max_len, spec.passage_bucket_count)

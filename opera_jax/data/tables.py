@@ -105,8 +105,13 @@ def split_from_tables(
     if not table:
         raise InputError("qrels: no judgments")
     judged = [q for q in query_text if q in table]
-    return BeirSplit(name, split, Corpus(tuple(ids), tuple(titles), tuple(texts)),
-                     Queries(tuple(judged), tuple(query_text[q] for q in judged)), table)
+    return BeirSplit(
+        name,
+        split,
+        Corpus(tuple(ids), tuple(titles), tuple(texts)),
+        Queries(tuple(judged), tuple(query_text[q] for q in judged)),
+        table,
+    )
 
 
 def subset(split: BeirSplit, query_ids: Sequence[str], name: str) -> BeirSplit:
@@ -134,14 +139,15 @@ def hold_out(split: BeirSplit, fraction: float, seed: int = 0) -> tuple[BeirSpli
     return train, subset(split, [q for q in split.queries.ids if q in held], "validation")
 
 
-def given_negatives(ts: TrainingSet, corpus: Corpus,
-                    negatives: Mapping[str, Sequence[str]]) -> tuple[np.ndarray, np.ndarray]:
+def given_negatives(
+    ts: TrainingSet, corpus: Corpus, negatives: Mapping[str, Sequence[str]]
+) -> tuple[np.ndarray, np.ndarray]:
     """``negatives`` as the trainer's mined-negative arrays: int32 corpus rows ``[n_queries, M]``
     (-1 padded) and per-query counts, in ``ts`` order; a query's positives are left out."""
     index = corpus.index()
     rows = []
     for q, query_id in enumerate(ts.query_ids):
-        pos = set(ts.pair_doc[ts.query_offsets[q]: ts.query_offsets[q + 1]].tolist())
+        pos = set(ts.pair_doc[ts.query_offsets[q] : ts.query_offsets[q + 1]].tolist())
         row = []
         for doc_id in negatives.get(query_id, ()):
             if doc_id not in index:

@@ -30,8 +30,15 @@ CACHE_ENV = "OPERA_CACHE_DIR"
 
 
 # The files that define a tokenizer, copied as they are by ``FastTokenizer.save_pretrained``.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "vocab.txt", "vocab.json", "merges.txt")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+)
 
 
 def load_tokenizer(model_dir: Path):
@@ -76,8 +83,16 @@ class FastTokenizer:
         self.pad_token = pad_token
         self.pad_token_id = backend.token_to_id(pad_token) if pad_token is not None else None
 
-    def __call__(self, texts: str | Sequence[str], *, truncation: bool = False, max_length: int | None = None,
-                 padding: bool = False, add_special_tokens: bool = True, **_ignored) -> dict:
+    def __call__(
+        self,
+        texts: str | Sequence[str],
+        *,
+        truncation: bool = False,
+        max_length: int | None = None,
+        padding: bool = False,
+        add_special_tokens: bool = True,
+        **_ignored,
+    ) -> dict:
         if padding:
             raise ValueError("FastTokenizer does not pad: TokenArrays.batch does")
         single = isinstance(texts, str)
@@ -154,7 +169,11 @@ class TokenArrays:
         lengths = self.lengths[rows]
         offsets = np.zeros(len(rows), np.int64)
         np.cumsum(lengths[:-1], out=offsets[1:])
-        flat = np.concatenate([self.flat[o : o + n] for o, n in zip(self.offsets[rows], lengths)]) if len(rows) else self.flat[:0]
+        flat = (
+            np.concatenate([self.flat[o : o + n] for o, n in zip(self.offsets[rows], lengths)])
+            if len(rows)
+            else self.flat[:0]
+        )
         return TokenArrays(flat.astype(np.int32), offsets, lengths, self.pad_id)
 
     def batch(self, rows: np.ndarray, length: int, padding_side: str = "right") -> tuple[np.ndarray, np.ndarray]:

@@ -25,8 +25,11 @@ def held_out(query_ids: tuple[str, ...], fraction: float) -> frozenset[str]:
 
 def _part(split: BeirSplit, ids: frozenset[str], keep: bool, name: str) -> BeirSplit:
     rows = [i for i, q in enumerate(split.queries.ids) if (q in ids) == keep]
-    queries = Queries(tuple(split.queries.ids[i] for i in rows), tuple(split.queries.texts[i] for i in rows),
-                      split.queries.skipped_ids)
+    queries = Queries(
+        tuple(split.queries.ids[i] for i in rows),
+        tuple(split.queries.texts[i] for i in rows),
+        split.queries.skipped_ids,
+    )
     qrels = {q: g for q, g in split.qrels.items() if (q in ids) == keep}
     return BeirSplit(split.name, name, split.corpus, queries, qrels)
 

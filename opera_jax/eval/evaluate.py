@@ -52,15 +52,19 @@ class Evaluator:
         self.k = k
         self.mesh = mesh or make_mesh()
         self.query_tokens = tokenize(tokenizer, split.queries.texts, self.max_query_len, spec.query_prefix)
-        self.doc_tokens = tokenize(tokenizer, split.corpus.passages(passage_text), self.max_passage_len, spec.passage_prefix)
+        self.doc_tokens = tokenize(
+            tokenizer, split.corpus.passages(passage_text), self.max_passage_len, spec.passage_prefix
+        )
 
     def __call__(self, model: nnx.Module, *, progress: bool = False) -> EvalResult:
         start = time.perf_counter()
         common = dict(batch_size=self.batch_size, padding_side=self.spec.padding_side, mesh=self.mesh)
-        docs = encode(model, self.doc_tokens, max_len=self.max_passage_len,
-                      desc="encode corpus" if progress else None, **common)
-        queries = encode(model, self.query_tokens, max_len=self.max_query_len,
-                         desc="encode queries" if progress else None, **common)
+        docs = encode(
+            model, self.doc_tokens, max_len=self.max_passage_len, desc="encode corpus" if progress else None, **common
+        )
+        queries = encode(
+            model, self.query_tokens, max_len=self.max_query_len, desc="encode queries" if progress else None, **common
+        )
         scores, indices = exact_topk(queries, docs, self.k, mesh=self.mesh)
         run = self._run(scores, indices)
         metrics = evaluate_run(self.split.qrels, run, CUTOFFS)

@@ -168,9 +168,7 @@ def _release_ndcg(j: _Judged, cutoffs: tuple[int, ...]) -> dict[str, np.ndarray]
     out: dict[str, np.ndarray] = {}
     for k in cutoffs:
         ideal_dcg = ideal_dcg_at[np.minimum(num_retrieved_relevant, k)]
-        out[f"ndcg_release@{k}"] = np.divide(
-            dcg[:, k - 1], ideal_dcg, out=np.zeros(n_queries), where=ideal_dcg > 0
-        )
+        out[f"ndcg_release@{k}"] = np.divide(dcg[:, k - 1], ideal_dcg, out=np.zeros(n_queries), where=ideal_dcg > 0)
     return out
 
 
@@ -251,9 +249,7 @@ def read_trec_run(path: str | os.PathLike) -> dict[str, list[tuple[str, float]]]
                     continue
                 where = f"{path}, line {lineno}"
                 if len(fields) != 6:
-                    raise InputError(
-                        f"{where}: expected 6 fields 'qid Q0 docid rank score tag', found {len(fields)}"
-                    )
+                    raise InputError(f"{where}: expected 6 fields 'qid Q0 docid rank score tag', found {len(fields)}")
                 qid, _, doc, rank_text, score_text, _ = fields
                 try:
                     rank = int(rank_text)

@@ -60,8 +60,7 @@ def run_eval(
         "max_passage_len": evaluator.max_passage_len,
         "seconds": round(result.seconds, 3),
     }
-    print(f"{beir.name}/{split}: {len(beir.queries)} queries, {len(beir.corpus)} documents, "
-          f"{result.seconds:.1f} s")
+    print(f"{beir.name}/{split}: {len(beir.queries)} queries, {len(beir.corpus)} documents, {result.seconds:.1f} s")
     print(format_table(result.metrics))
     if out is not None:
         write_json(Path(out) / "metrics.json", metrics)

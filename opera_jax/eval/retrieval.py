@@ -51,8 +51,7 @@ def encode(
     lengths = np.minimum(tokens.lengths, max_len)
     order = np.argsort(-lengths, kind="stable")  # longest first: the first shape compiled is the largest
     outputs = []
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=desc is None, unit="batch",
-                      leave=False):
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=desc is None, unit="batch", leave=False):
         rows = order[start : start + batch_size]
         length = bucket_for(int(lengths[rows].max()), buckets)
         padded = np.full(batch_size, -1, dtype=np.int64)

@@ -112,8 +112,9 @@ class DPState:
     losses: jax.Array  # f32 [N] pair losses (the "loss" criterion), UNSEEN (NaN) until trained on
 
 
-def selection(state: DPState, step, pair_query, *, n0: int, num_queries: int, criterion: str, total: int,
-              hp: tuple) -> dict:
+def selection(
+    state: DPState, step, pair_query, *, n0: int, num_queries: int, criterion: str, total: int, hp: tuple
+) -> dict:
     """Both levels' thresholds at ``step``: r(t), theta_q, the kept queries, c(t), theta_d, pair weights."""
     (q_start, x_start, x_end, c_start, c_end, strength_d, kind, delta, higher_q, higher_d) = hp
     if criterion == "sim":
@@ -136,11 +137,21 @@ def selection(state: DPState, step, pair_query, *, n0: int, num_queries: int, cr
 
 
 @functools.partial(jax.jit, static_argnames=("n0", "num_queries", "criterion", "total", "hp"))
-def refresh(state: DPState, step, key, pair_query, pair_matrix, *, n0: int, num_queries: int,
-            criterion: str, total: int, hp: tuple):
+def refresh(
+    state: DPState,
+    step,
+    key,
+    pair_query,
+    pair_matrix,
+    *,
+    n0: int,
+    num_queries: int,
+    criterion: str,
+    total: int,
+    hp: tuple,
+):
     """The next epoch plan, on device: ``(queries [n0], positive pair ids [n0], selection stats)``."""
-    stats = selection(state, step, pair_query, n0=n0, num_queries=num_queries, criterion=criterion,
-                      total=total, hp=hp)
+    stats = selection(state, step, pair_query, n0=n0, num_queries=num_queries, criterion=criterion, total=total, hp=hp)
     k_queries, k_pos = jax.random.split(key)
     queries = draw_queries(k_queries, stats["kept"], n0)
     rows = pair_matrix[queries]
@@ -151,8 +162,9 @@ def refresh(state: DPState, step, key, pair_query, pair_matrix, *, n0: int, num_
 
 def update(state: DPState, batch: dict, per_example_loss: jax.Array, pos_sim: jax.Array) -> DPState:
     """Inside the train step: the trained pairs take this step's similarity (and loss)."""
-    return DPState(scores=state.scores.at[batch["pair"]].set(pos_sim),
-                   losses=state.losses.at[batch["pair"]].set(per_example_loss))
+    return DPState(
+        scores=state.scores.at[batch["pair"]].set(pos_sim), losses=state.losses.at[batch["pair"]].set(per_example_loss)
+    )
 
 
 # ----------------------------------------------------------------------------- the method
@@ -164,8 +176,7 @@ class Dynamic:
     name = "dp"
     update = staticmethod(update)
 
-    def __init__(self, ts: TrainingSet, initial_scores: np.ndarray, cfg, *, seed: int, max_steps: int,
-                 batch_size: int):
+    def __init__(self, ts: TrainingSet, initial_scores: np.ndarray, cfg, *, seed: int, max_steps: int, batch_size: int):
         self.ts, self.cfg, self.seed, self.total = ts, cfg, seed, max_steps
         self.initial_scores = np.asarray(initial_scores, np.float32)
         self.n0 = epoch_length(ts.num_queries, cfg.query_cutoff_start, cfg.strength_start)
@@ -173,9 +184,18 @@ class Dynamic:
         self.pair_matrix = jnp.asarray(ts.pair_matrix())
         steps = cfg.refresh_every or max(self.n0 // batch_size, 1)
         self.draws = steps * batch_size  # plan length between refreshes
-        self.hp = (cfg.query_cutoff_start, cfg.strength_start, cfg.strength_end, cfg.pos_cutoff_start,
-                   cfg.pos_cutoff_end, cfg.pos_strength, cfg.schedule, cfg.delta,
-                   cfg.keep_higher_query, cfg.keep_higher_pos)
+        self.hp = (
+            cfg.query_cutoff_start,
+            cfg.strength_start,
+            cfg.strength_end,
+            cfg.pos_cutoff_start,
+            cfg.pos_cutoff_end,
+            cfg.pos_strength,
+            cfg.schedule,
+            cfg.delta,
+            cfg.keep_higher_query,
+            cfg.keep_higher_pos,
+        )
 
     def init_state(self) -> DPState:
         n = self.ts.num_pairs
@@ -186,9 +206,18 @@ class Dynamic:
         queries, pairs = [], []
         for i in range(-(-self.draws // self.n0)):
             key = jax.random.fold_in(jax.random.key(self.seed), segment * 1024 + i)
-            q, p, _ = refresh(state, step, key, self.pair_query, self.pair_matrix, n0=self.n0,
-                                 num_queries=self.ts.num_queries, criterion=self.cfg.criterion,
-                                 total=self.total, hp=self.hp)
+            q, p, _ = refresh(
+                state,
+                step,
+                key,
+                self.pair_query,
+                self.pair_matrix,
+                n0=self.n0,
+                num_queries=self.ts.num_queries,
+                criterion=self.cfg.criterion,
+                total=self.total,
+                hp=self.hp,
+            )
             queries.append(q)
             pairs.append(p)
         q = np.asarray(jnp.concatenate(queries))[: self.draws]  # the one device -> host transfer

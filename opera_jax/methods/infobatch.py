@@ -70,8 +70,7 @@ class InfoBatch:
     name = "infobatch"
     update = staticmethod(update)
 
-    def __init__(self, ts: TrainingSet, ratio: float, delta: float, *, seed: int, max_steps: int,
-                 min_kept: int = 0):
+    def __init__(self, ts: TrainingSet, ratio: float, delta: float, *, seed: int, max_steps: int, min_kept: int = 0):
         self.ts, self.ratio, self.seed, self.min_kept = ts, ratio, seed, min_kept
         self.anneal_from = int(delta * max_steps)
 
@@ -80,8 +79,7 @@ class InfoBatch:
 
     def plan(self, state: jax.Array, segment: int, step: int) -> Plan:
         key = jax.random.fold_in(jax.random.key(self.seed), segment)
-        order, count, weights = select(state, key, self.ratio, anneal=step >= self.anneal_from,
-                                       min_kept=self.min_kept)
+        order, count, weights = select(state, key, self.ratio, anneal=step >= self.anneal_from, min_kept=self.min_kept)
         query = np.asarray(order)[: int(count)]
         weight = np.asarray(weights)[query]
         pair = uniform_positives(self.ts, query, np.random.default_rng([self.seed, segment]))

@@ -65,8 +65,10 @@ def resolve(name: str, dtype, backend: str | None = None) -> str:
             return "cudnn"
         return "pallas" if backend == "tpu" else "xla"
     if name == "cudnn" and (backend not in ("gpu", "cuda") or not half):
-        raise InputError(f"model.attention 'cudnn' needs an NVIDIA GPU and model.dtype bfloat16 or float16 "
-                         f"(here: {backend}, {jnp.dtype(dtype).name})")
+        raise InputError(
+            f"model.attention 'cudnn' needs an NVIDIA GPU and model.dtype bfloat16 or float16 "
+            f"(here: {backend}, {jnp.dtype(dtype).name})"
+        )
     if name == "cpu" and backend != "cpu":
         raise InputError(f"model.attention 'cpu' runs on the CPU only (here: {backend})")
     return name
@@ -82,9 +84,19 @@ def pads_right(implementation: str) -> bool:
     return implementation == "cudnn"
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, implementation: str,
-           causal: bool = False, scale: float = 1.0, keep: jax.Array | None = None, rate: float = 0.0,
-           qkv_bias: tuple[jax.Array, jax.Array, jax.Array] | None = None) -> jax.Array:
+def attend(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array,
+    *,
+    implementation: str,
+    causal: bool = False,
+    scale: float = 1.0,
+    keep: jax.Array | None = None,
+    rate: float = 0.0,
+    qkv_bias: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+) -> jax.Array:
     """``softmax(scale (q + bq)(k + bk)^T + mask) (v + bv)`` for ``[b, n, heads, head_dim]`` ``q`` and
     ``[b, n, kv_heads, head_dim]`` ``k``, ``v`` (query head ``j * group + r`` reads key/value head
     ``j``), returning ``[b, n, heads, head_dim]`` in ``q``'s dtype, softmax in f32.
@@ -154,8 +166,15 @@ def _cudnn(q, k, v, mask, causal, scale):
     Padded query rows come back as zeros."""
     lengths = mask.sum(-1).astype(jnp.int32)
     return jax.nn.dot_product_attention(
-        q, k, v, scale=scale, is_causal=causal, query_seq_lengths=lengths, key_value_seq_lengths=lengths,
-        implementation=CUDNN_IMPLEMENTATION)
+        q,
+        k,
+        v,
+        scale=scale,
+        is_causal=causal,
+        query_seq_lengths=lengths,
+        key_value_seq_lengths=lengths,
+        implementation=CUDNN_IMPLEMENTATION,
+    )
 
 
 def _block(n: int) -> int:
@@ -170,12 +189,21 @@ def _splash_kernel(n: int, heads: int, causal: bool, mqa: bool, interpret: bool)
 
     one = sm.CausalMask((n, n)) if causal else sm.FullMask((n, n))
     size = _block(n)
-    blocks = sk.BlockSizes(block_q=size, block_kv=size, block_kv_compute=size, block_q_dkv=size,
-                           block_kv_dkv=size, block_kv_dkv_compute=size, block_q_dq=size, block_kv_dq=size)
+    blocks = sk.BlockSizes(
+        block_q=size,
+        block_kv=size,
+        block_kv_compute=size,
+        block_q_dkv=size,
+        block_kv_dkv=size,
+        block_kv_dkv_compute=size,
+        block_q_dq=size,
+        block_kv_dq=size,
+    )
     make = sk.make_splash_mqa if mqa else sk.make_splash_mha
     with jax.ensure_compile_time_eval():  # its mask tables concrete arrays, not the first caller's tracers
-        return make(sm.MultiHeadMask([one] * heads), block_sizes=blocks, head_shards=1, q_seq_shards=1,
-                    interpret=interpret)
+        return make(
+            sm.MultiHeadMask([one] * heads), block_sizes=blocks, head_shards=1, q_seq_shards=1, interpret=interpret
+        )
 
 
 def _splash(q, k, v, mask, causal):

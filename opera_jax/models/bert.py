@@ -64,9 +64,7 @@ class BertConfig:
             raise InputError(f"{source}: missing field(s) {', '.join(missing)}")
         config = cls(**{k: v for k, v in hf.items() if k in fields})
         if config.hidden_act not in _ACTIVATIONS:
-            raise InputError(
-                f"{source}: hidden_act {config.hidden_act!r} is not one of {sorted(_ACTIVATIONS)}"
-            )
+            raise InputError(f"{source}: hidden_act {config.hidden_act!r} is not one of {sorted(_ACTIVATIONS)}")
         if config.hidden_size % config.num_attention_heads:
             raise InputError(
                 f"{source}: hidden_size {config.hidden_size} is not divisible by "
@@ -164,10 +162,22 @@ class BertAttention(nnx.Module):
         projections = [_weights(x) for x in (self.query, self.key, self.value)]
         x = h.astype(self.query.dtype)
         q, k, v = (ops.dense(x, w, None).reshape(b, n, self.num_heads, -1) for w, _ in projections)
-        keep = (attention.keep_mask(self.attn_dropout, (b, self.num_heads, n, n), q)
-                if attention.takes_dropout(implementation) else None)
-        ctx = attention.attend(q, k, v, mask, implementation=implementation, scale=1.0 / (d // self.num_heads) ** 0.5,
-                               keep=keep, rate=self.attn_dropout.rate, qkv_bias=tuple(b_ for _, b_ in projections))
+        keep = (
+            attention.keep_mask(self.attn_dropout, (b, self.num_heads, n, n), q)
+            if attention.takes_dropout(implementation)
+            else None
+        )
+        ctx = attention.attend(
+            q,
+            k,
+            v,
+            mask,
+            implementation=implementation,
+            scale=1.0 / (d // self.num_heads) ** 0.5,
+            keep=keep,
+            rate=self.attn_dropout.rate,
+            qkv_bias=tuple(b_ for _, b_ in projections),
+        )
         return _apply_norm(self.norm, h + self.dropout(_apply_linear(self.out, ctx.reshape(b, n, d))))
 
 
@@ -213,8 +223,7 @@ class BertModel(nnx.Module):
         self.config = config
         self.remat = policy_name(remat)
         self.embeddings = BertEmbeddings(config, precision, rngs)
-        self.layers = nnx.List([BertLayer(config, precision, attention, rngs)
-                                for _ in range(config.num_hidden_layers)])
+        self.layers = nnx.List([BertLayer(config, precision, attention, rngs) for _ in range(config.num_hidden_layers)])
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
         h = self.embeddings(input_ids)

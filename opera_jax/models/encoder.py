@@ -92,8 +92,10 @@ def _module_types(path: Path, modules: Any) -> list[str]:
         full = str(m.get("type", ""))
         kind = full.rpartition(".")[2]
         if not full.startswith("sentence_transformers.") or kind not in ST_MODULES:
-            raise InputError(f"{path}: module {m.get('name', m.get('idx', '?'))!r} has type {full!r}, which "
-                             f"opera-jax does not implement (supported: {', '.join(ST_MODULES)})")
+            raise InputError(
+                f"{path}: module {m.get('name', m.get('idx', '?'))!r} has type {full!r}, which "
+                f"opera-jax does not implement (supported: {', '.join(ST_MODULES)})"
+            )
         types.append(kind)
     return types
 
@@ -205,7 +207,9 @@ def load_encoder(
         spec = dataclasses.replace(spec, **overrides)
     if attention_lib.pads_right(attention_lib.resolve(attention, precision.dtype)):
         spec = dataclasses.replace(spec, padding_side="right")
-    backbone = arch.model_cls(config, precision=precision, remat=remat, attention=attention, rngs=nnx.Rngs(params=0, dropout=seed))
+    backbone = arch.model_cls(
+        config, precision=precision, remat=remat, attention=attention, rngs=nnx.Rngs(params=0, dropout=seed)
+    )
     load_into(backbone, model_dir, arch.name_map)
     model = Retriever(backbone, spec.pooling, spec.normalize)
     model.eval()

@@ -49,8 +49,9 @@ POOLING_FLAGS = {
 }
 
 
-def export_encoder(encoder: Encoder, out_dir: str | Path, *, model: Retriever | None = None,
-                   card: CardInfo | None = None) -> Path:
+def export_encoder(
+    encoder: Encoder, out_dir: str | Path, *, model: Retriever | None = None, card: CardInfo | None = None
+) -> Path:
     """Write ``encoder`` (with the parameters of ``model``, by default ``encoder.model``) to ``out_dir``.
 
     ``model`` is typically the finetuned ``Retriever`` of a trainer: its backbone
@@ -75,9 +76,17 @@ def export_encoder(encoder: Encoder, out_dir: str | Path, *, model: Retriever | 
         _tokenizer_files(encoder, tmp)
         _sentence_transformers_files(encoder.spec, encoder.config.hidden_size, tmp)
         card = card or CardInfo(base_model=hub_id(None, encoder.source))
-        (tmp / "README.md").write_text(render(card, encoder.spec, dim=encoder.config.hidden_size,
-                                              architecture=encoder.architecture, ref=str(out_dir.resolve()),
-                                              title=card_title(out_dir)), encoding="utf-8")
+        (tmp / "README.md").write_text(
+            render(
+                card,
+                encoder.spec,
+                dim=encoder.config.hidden_size,
+                architecture=encoder.architecture,
+                ref=str(out_dir.resolve()),
+                title=card_title(out_dir),
+            ),
+            encoding="utf-8",
+        )
         _swap_in(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -188,5 +197,8 @@ def _versions() -> dict[str, str]:
 
     import opera_jax
 
-    return {"sentence_transformers": SENTENCE_TRANSFORMERS_FORMAT, "transformers": transformers.__version__,
-            "opera_jax": opera_jax.__version__}
+    return {
+        "sentence_transformers": SENTENCE_TRANSFORMERS_FORMAT,
+        "transformers": transformers.__version__,
+        "opera_jax": opera_jax.__version__,
+    }

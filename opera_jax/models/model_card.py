@@ -25,7 +25,7 @@ METHODS = {
     "basic": "standard contrastive finetuning (InfoNCE with in-batch and hard negatives), every training pair used",
     "sp": "OPERA static pruning (SP): only the training pairs the base model scores as most informative are kept",
     "dp": "OPERA dynamic pruning (DP): queries and positives are resampled during training by their current "
-          "similarity, so steps go to the pairs that still teach the model something",
+    "similarity, so steps go to the pairs that still teach the model something",
     "infobatch": "InfoBatch: well-learned examples are randomly pruned and the rest's loss rescaled",
 }
 EVAL_COLUMNS = (("ndcg@10", "NDCG@10"), ("recall@20", "Recall@20"), ("mrr@10", "MRR@10"), ("recall@100", "Recall@100"))
@@ -86,14 +86,25 @@ def run_card(config, workdir: Path, setup=None, *, step: int | None = None) -> C
         datasets = (f"BeIR/{d.path[5:]}", f"BeIR/{d.path[5:]}-qrels")
     ts = getattr(setup, "ts", None)
     m = config.mining
-    negatives = (f"{d.group_size - 1} per query, drawn from the {m.mode} negatives mined at ranks "
-                 f"{m.rank_start}-{m.rank_end} by {m.model or 'the base model'}")
+    negatives = (
+        f"{d.group_size - 1} per query, drawn from the {m.mode} negatives mined at ranks "
+        f"{m.rank_start}-{m.rank_end} by {m.model or 'the base model'}"
+    )
     if given is not None and given.negatives is not None:
         negatives = f"{d.group_size - 1} per query, drawn from the data's own negatives"
     return CardInfo(
-        base_model=hub_id(config.model.name), source=config.model.name, negatives=negatives, config=config, metrics=tuple(rows), datasets=datasets, data=data,
-        eval_data=eval_data, train_queries=None if ts is None else ts.num_queries,
-        train_pairs=None if ts is None else ts.num_pairs, step=step if step is not None else config.optim.max_steps)
+        base_model=hub_id(config.model.name),
+        source=config.model.name,
+        negatives=negatives,
+        config=config,
+        metrics=tuple(rows),
+        datasets=datasets,
+        data=data,
+        eval_data=eval_data,
+        train_queries=None if ts is None else ts.num_queries,
+        train_pairs=None if ts is None else ts.num_pairs,
+        step=step if step is not None else config.optim.max_steps,
+    )
 
 
 def card_title(out_dir: Path) -> str:
@@ -106,7 +117,11 @@ def front_matter(info: CardInfo) -> dict[str, Any]:
     tags = ["sentence-transformers", "sentence-similarity", "feature-extraction", "dense-retrieval", "opera-jax"]
     if info.config is not None:
         tags.append(f"method-{info.config.method.name}")
-    meta: dict[str, Any] = {"library_name": "sentence-transformers", "pipeline_tag": "sentence-similarity", "tags": tags}
+    meta: dict[str, Any] = {
+        "library_name": "sentence-transformers",
+        "pipeline_tag": "sentence-similarity",
+        "tags": tags,
+    }
     if info.base_model:
         meta["base_model"] = info.base_model
     if info.datasets:
@@ -117,17 +132,28 @@ def front_matter(info: CardInfo) -> dict[str, Any]:
 def render(info: CardInfo, spec: EncoderSpec, *, dim: int, architecture: str, ref: str, title: str) -> str:
     """The card's text; ``ref`` is how the usage examples load the model (a path or a hub id)."""
     meta = yaml.safe_dump(front_matter(info), sort_keys=False, allow_unicode=True)
-    base = (f"[{info.base_model}](https://huggingface.co/{info.base_model})" if info.base_model
-            else f"the local model `{info.source}`" if info.source else "a local model")
+    base = (
+        f"[{info.base_model}](https://huggingface.co/{info.base_model})"
+        if info.base_model
+        else f"the local model `{info.source}`"
+        if info.source
+        else "a local model"
+    )
     trained = info.config is not None
     lines = [
-        "---", meta.rstrip("\n"), "---", "",
-        f"# {title}", "",
+        "---",
+        meta.rstrip("\n"),
+        "---",
+        "",
+        f"# {title}",
+        "",
         f"A [sentence-transformers](https://www.sbert.net) dense retriever "
         f"{'finetuned from ' + base + ' with' if trained else 'exported by'} "
         f"[opera-jax](https://arxiv.org/abs/2603.17205). It maps queries and passages to {dim}-dimensional "
         f"vectors; relevance is their dot product{' (cosine: the vectors are normalised)' if spec.normalize else ''}.",
-        "", "## Model details", "",
+        "",
+        "## Model details",
+        "",
         f"- Base model: {base}" if trained else f"- Source: {base}",
         f"- Architecture: {architecture}, {spec.pooling} pooling{', L2-normalised' if spec.normalize else ''}",
         f"- Maximum sequence length: {spec.max_seq_length} tokens",
@@ -152,23 +178,33 @@ def _training(info: CardInfo) -> list[str]:
     negatives = info.negatives if d.group_size > 1 and info.negatives else "none (in-batch negatives only)"
     settings = [
         ("steps", f"{info.step if info.step is not None else o.max_steps} of {o.max_steps}"),
-        ("queries per step", o.batch_size), ("hard negatives", negatives),
+        ("queries per step", o.batch_size),
+        ("hard negatives", negatives),
         ("learning rate", f"{o.learning_rate:g}, {o.schedule} schedule, warmup {o.warmup_ratio:g}"),
-        ("weight decay", f"{o.weight_decay:g}"), ("temperature", f"{o.temperature:g}"),
+        ("weight decay", f"{o.weight_decay:g}"),
+        ("temperature", f"{o.temperature:g}"),
         ("max lengths", f"query {d.query_max_len}, passage {d.passage_max_len} tokens"),
-        ("precision", f"compute {c.model.dtype}, parameters {c.model.param_dtype}"), ("seed", c.seed),
+        ("precision", f"compute {c.model.dtype}, parameters {c.model.param_dtype}"),
+        ("seed", c.seed),
     ]
     method = getattr(c.method, c.method.name, None)
     if method is not None:
-        settings.append((f"{c.method.name} settings", ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(method).items())))
+        settings.append(
+            (f"{c.method.name} settings", ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(method).items()))
+        )
     lines += ["", "| setting | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in settings)]
     return lines
 
 
 def _evaluation(info: CardInfo) -> list[str]:
-    lines = ["## Evaluation", "", f"Exact inner-product search on {info.eval_data}; step 0 is the base model.", "",
-             "| step | " + " | ".join(name for _, name in EVAL_COLUMNS) + " |",
-             "|---:|" + "---:|" * len(EVAL_COLUMNS)]
+    lines = [
+        "## Evaluation",
+        "",
+        f"Exact inner-product search on {info.eval_data}; step 0 is the base model.",
+        "",
+        "| step | " + " | ".join(name for _, name in EVAL_COLUMNS) + " |",
+        "|---:|" + "---:|" * len(EVAL_COLUMNS),
+    ]
     for row in info.metrics:
         cells = [f"{row[k]:.4f}" if isinstance(row.get(k), (int, float)) else "" for k, _ in EVAL_COLUMNS]
         lines.append(f"| {row['step']} | " + " | ".join(cells) + " |")
@@ -178,13 +214,24 @@ def _evaluation(info: CardInfo) -> list[str]:
 def _usage(spec: EncoderSpec, ref: str) -> list[str]:
     name = json.dumps(ref)
     return [
-        "## Usage", "", "With sentence-transformers (the prompts above are applied by `encode_query` / "
-        "`encode_document`):", "", "```python", "from sentence_transformers import SentenceTransformer", "",
+        "## Usage",
+        "",
+        "With sentence-transformers (the prompts above are applied by `encode_query` / `encode_document`):",
+        "",
+        "```python",
+        "from sentence_transformers import SentenceTransformer",
+        "",
         f"model = SentenceTransformer({name})",
         'queries = model.encode_query(["what is dense retrieval?"])',
         'passages = model.encode_document(["Dense retrieval embeds queries and passages as vectors."])',
-        "print(model.similarity(queries, passages))", "```", "",
-        "With opera-jax (JAX, on CPU, GPU or TPU):", "", "```python", "import opera_jax", "",
+        "print(model.similarity(queries, passages))",
+        "```",
+        "",
+        "With opera-jax (JAX, on CPU, GPU or TPU):",
+        "",
+        "```python",
+        "import opera_jax",
+        "",
         f"retriever = opera_jax.DenseRetriever({name})",
         'hits = retriever.search(["what is dense retrieval?"], ["Dense retrieval embeds queries and passages '
         'as vectors.", "Something else."], k=1)',

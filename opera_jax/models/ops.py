@@ -48,6 +48,7 @@ _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 # ---------------------------------------------------------------- GELU
 
+
 def _gelu_plain(x: jax.Array) -> jax.Array:
     return jax.nn.gelu(x, approximate=False)
 
@@ -76,6 +77,7 @@ def gelu(x: jax.Array) -> jax.Array:
 
 
 # ---------------------------------------------------------------- LayerNorm
+
 
 def _ln_stats(x, eps):
     x32 = x.astype(jnp.float32)
@@ -119,6 +121,7 @@ def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> j
 
 # ---------------------------------------------------------------- dense layer
 
+
 def _lone_dot(y):
     """``y``, the result of a dot, kept a lone dot on XLA:CPU: a no-op ``reduce_precision`` (f32 to f32)
     between it and its consumers. Otherwise the output projections' dots (attention output,
@@ -128,7 +131,8 @@ def _lone_dot(y):
     (``benchmarks/README.md``). Other platforms: unchanged (a GPU fuses the bias add that follows
     into its matmul)."""
     return jax.lax.platform_dependent(
-        y, cpu=lambda y: jax.lax.reduce_precision(y, exponent_bits=8, mantissa_bits=23), default=lambda y: y)
+        y, cpu=lambda y: jax.lax.reduce_precision(y, exponent_bits=8, mantissa_bits=23), default=lambda y: y
+    )
 
 
 def _with_bias(y, bias):
@@ -215,6 +219,7 @@ def dense(x: jax.Array, kernel: jax.Array, bias: jax.Array | None) -> jax.Array:
 
 # ---------------------------------------------------------------- GELU, then a dense layer
 
+
 def _after(x, g):
     """``x``, made to depend on the incoming cotangent ``g``: ``x + 0 * g[idx]``, where ``g[idx]``
     keeps the leading axes ``x`` shares with ``g`` (so it is split over devices like ``x``: no
@@ -222,8 +227,7 @@ def _after(x, g):
     run during the forward pass: XLA:CPU drops ``optimization_barrier``s before scheduling, and
     then schedules such recomputations early or merges them with the forward pass's values,
     keeping every layer's copy alive."""
-    idx = tuple(slice(None) if i < g.ndim - 1 and x.shape[i] == g.shape[i] else slice(0, 1)
-                for i in range(x.ndim))
+    idx = tuple(slice(None) if i < g.ndim - 1 and x.shape[i] == g.shape[i] else slice(0, 1) for i in range(x.ndim))
     return x + (g[idx] * 0).astype(x.dtype)
 
 
@@ -259,6 +263,7 @@ def gelu_dense(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
 
 
 # ---------------------------------------------------------------- attention
+
 
 def _logits(q, k, bias):
     return jnp.matmul(q, jnp.swapaxes(k, -1, -2)).astype(jnp.float32) + bias
@@ -325,8 +330,9 @@ def _summed_to(x, shape):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array,
-              keep: jax.Array | None = None, rate: float = 0.0) -> jax.Array:
+def attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, keep: jax.Array | None = None, rate: float = 0.0
+) -> jax.Array:
     """``dropout(softmax(q k^T + bias)) v`` over ``[..., n, head_dim]`` arrays (``q`` already
     scaled), softmax in f32; ``k``, ``v`` and ``bias`` broadcast against ``q`` and the ``[..., n, n]``
     logits (a group of query heads against one key/value head: a size-1 axis); ``keep``:

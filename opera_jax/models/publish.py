@@ -47,18 +47,22 @@ def push_to_hub(model_dir: str | Path, repo_id: str, *, private: bool = False, t
 
     ops = commit_operations(Path(model_dir), repo_id)
     if constants.HF_HUB_OFFLINE:
-        raise InputError(f"--push-to-hub {repo_id}: the Hugging Face hub is off (HF_HUB_OFFLINE is set); "
-                         f"the model is exported in {model_dir}: push it from a connected machine")
+        raise InputError(
+            f"--push-to-hub {repo_id}: the Hugging Face hub is off (HF_HUB_OFFLINE is set); "
+            f"the model is exported in {model_dir}: push it from a connected machine"
+        )
     api = HfApi(token=token)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
         info = api.create_commit(repo_id, operations=ops, commit_message="Upload model exported by opera-jax")
     except (HfHubHTTPError, OSError, ValueError) as e:
-        raise InputError(f"--push-to-hub {repo_id}: upload failed ({type(e).__name__}: {e}); "
-                         f"the model is exported in {model_dir}") from None
+        raise InputError(
+            f"--push-to-hub {repo_id}: upload failed ({type(e).__name__}: {e}); the model is exported in {model_dir}"
+        ) from None
     except Exception as e:  # the HTTP client's own connection errors (httpx / requests)
         if type(e).__module__.startswith(("httpx", "httpcore", "requests", "urllib3")):  # httpx2 too
-            raise InputError(f"--push-to-hub {repo_id}: the hub cannot be reached ({e}); "
-                             f"the model is exported in {model_dir}") from None
+            raise InputError(
+                f"--push-to-hub {repo_id}: the hub cannot be reached ({e}); the model is exported in {model_dir}"
+            ) from None
         raise
     return str(getattr(info, "commit_url", info))

@@ -170,10 +170,22 @@ class Qwen3Attention(nnx.Module):
         q = apply_rotary(self.query_norm(self.query(h).reshape(b, n, heads, hd)), cos, sin)
         k = apply_rotary(self.key_norm(self.key(h).reshape(b, n, kv, hd)), cos, sin)
         v = self.value(h).reshape(b, n, kv, hd)
-        keep = (attention.keep_mask(self.attn_dropout, (b, heads, n, n), q)
-                if attention.takes_dropout(implementation) else None)
-        ctx = attention.attend(q, k, v, mask, implementation=implementation, causal=True, scale=hd**-0.5,
-                               keep=keep, rate=self.attn_dropout.rate)
+        keep = (
+            attention.keep_mask(self.attn_dropout, (b, heads, n, n), q)
+            if attention.takes_dropout(implementation)
+            else None
+        )
+        ctx = attention.attend(
+            q,
+            k,
+            v,
+            mask,
+            implementation=implementation,
+            causal=True,
+            scale=hd**-0.5,
+            keep=keep,
+            rate=self.attn_dropout.rate,
+        )
         return self.out(ctx.reshape(b, n, heads * hd))
 
 
@@ -219,8 +231,9 @@ class Qwen3Model(nnx.Module):
         self.embed = nnx.Embed(
             config.vocab_size, config.hidden_size, dtype=precision.dtype, param_dtype=precision.param_dtype, rngs=rngs
         )
-        self.layers = nnx.List([Qwen3Layer(config, precision, attention, rngs)
-                                for _ in range(config.num_hidden_layers)])
+        self.layers = nnx.List(
+            [Qwen3Layer(config, precision, attention, rngs) for _ in range(config.num_hidden_layers)]
+        )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, precision)
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:

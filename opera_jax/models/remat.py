@@ -45,8 +45,7 @@ def checkpointed(layer: nnx.Module, remat: bool | str) -> Callable:
     """``layer``'s ``__call__``, rematerialised in the backward pass as ``remat`` says, its
     hidden-state input kept split over the batch (``sharding.constrain_batch``)."""
     name = policy_name(remat)
-    call = layer if name == "none" else functools.partial(
-        nnx.remat(type(layer).__call__, policy=POLICIES[name]), layer)
+    call = layer if name == "none" else functools.partial(nnx.remat(type(layer).__call__, policy=POLICIES[name]), layer)
 
     def run(h, *args):
         return call(constrain_batch(h), *args)

@@ -54,7 +54,7 @@ class NameMap:
         """Strip an architecture prefix (``bert.``) and apply legacy aliases (``gamma`` -> ``weight``)."""
         for prefix in self.strip_prefixes:
             if hf_name.startswith(prefix):
-                hf_name = hf_name[len(prefix):]
+                hf_name = hf_name[len(prefix) :]
                 break
         for old, new in self.aliases.items():
             if hf_name.endswith(old):
@@ -139,7 +139,9 @@ def load_into(model: nnx.Module, model_dir: Path, name_map: NameMap) -> None:
         value = arr.T if transpose else arr
         want = flat[path].shape
         if value.shape != tuple(want):
-            raise InputError(f"{file}: tensor {name!r} has shape {arr.shape}, expected {tuple(want)[::-1] if transpose else tuple(want)}")
+            raise InputError(
+                f"{file}: tensor {name!r} has shape {arr.shape}, expected {tuple(want)[::-1] if transpose else tuple(want)}"
+            )
         loaded[path] = value
     missing = [".".join(map(str, p)) for p in flat if p not in loaded]
     if missing:

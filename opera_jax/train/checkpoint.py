@@ -26,32 +26,44 @@ from opera_jax.data.pipeline import Plan
 class Checkpointer:
     def __init__(self, directory: str | Path, keep: int = 3):
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
-        self.manager = ocp.CheckpointManager(Path(directory).absolute(), options=options,
-                                             item_names=("state", "plan", "data"))
+        self.manager = ocp.CheckpointManager(
+            Path(directory).absolute(), options=options, item_names=("state", "plan", "data")
+        )
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def save(self, step: int, state: Any, plan: Plan, data: dict) -> None:
-        plan_arrays = {"query": plan.query, "pair": plan.pair,
-                       "weight": np.ones(len(plan), np.float32) if plan.weight is None else plan.weight}
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            plan=ocp.args.StandardSave(plan_arrays),
-            data=ocp.args.JsonSave(data),
-        ))
+        plan_arrays = {
+            "query": plan.query,
+            "pair": plan.pair,
+            "weight": np.ones(len(plan), np.float32) if plan.weight is None else plan.weight,
+        }
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                plan=ocp.args.StandardSave(plan_arrays),
+                data=ocp.args.JsonSave(data),
+            ),
+        )
         self.manager.wait_until_finished()
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, Plan, dict]:
         """Restore ``step`` into the shapes, dtypes and shardings of ``abstract_state``."""
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
-        out = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target),
-            plan=ocp.args.StandardRestore(),
-            data=ocp.args.JsonRestore(),
-        ))
+        out = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target),
+                plan=ocp.args.StandardRestore(),
+                data=ocp.args.JsonRestore(),
+            ),
+        )
         p = out["plan"]
-        plan = Plan(np.asarray(p["query"], np.int32), np.asarray(p["pair"], np.int32), np.asarray(p["weight"], np.float32))
+        plan = Plan(
+            np.asarray(p["query"], np.int32), np.asarray(p["pair"], np.int32), np.asarray(p["weight"], np.float32)
+        )
         return out["state"], plan, out["data"]
 
     def restore_params(self, step: int, params: Any) -> Any:

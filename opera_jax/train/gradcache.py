@@ -62,6 +62,7 @@ def cached_loss_and_grad(
     e.g. FSDP's) is imposed on the parameters inside every loop body and on the gradient
     accumulator.
     """
+
     def keep_layout(tree):
         return tree if params_sharding is None else jax.lax.with_sharding_constraint(tree, params_sharding)
 

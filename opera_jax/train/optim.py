@@ -28,6 +28,7 @@ def learning_rate_schedule(peak: float, max_steps: int, warmup_ratio: float, kin
 
 def decay_mask(params) -> object:
     """True for weights that decay: dense kernels and embedding tables; not LayerNorm or biases."""
+
     def decays(path, _):
         names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
         return names[-1] in ("kernel", "embedding")
@@ -45,10 +46,12 @@ def make_optimizer(
     schedule: str = "linear",
 ) -> optax.GradientTransformation:
     lr = learning_rate_schedule(learning_rate, max_steps, warmup_ratio, schedule)
-    return in_float32(optax.chain(
-        optax.clip_by_global_norm(max_grad_norm),
-        optax.adamw(lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay, mask=decay_mask),
-    ))
+    return in_float32(
+        optax.chain(
+            optax.clip_by_global_norm(max_grad_norm),
+            optax.adamw(lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay, mask=decay_mask),
+        )
+    )
 
 
 def _f32(tree):

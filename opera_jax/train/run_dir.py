@@ -48,15 +48,16 @@ def inspect(workdir: str | Path, config: Config, *, new_run: bool = False) -> st
         return NEW
     config_file = workdir / CONFIG_FILE
     if not config_file.is_file():
-        raise InputError(f"{workdir}: not empty and not a run directory (no {CONFIG_FILE}); "
-                         "pick another --out")
+        raise InputError(f"{workdir}: not empty and not a run directory (no {CONFIG_FILE}); pick another --out")
     if new_run:
         return REPLACE
     differences = config_differences(config_to_dict(load_config(config_file)), config_to_dict(config))
     if differences:
-        raise InputError(f"{workdir} holds a run of a different config ({'; '.join(differences)}): "
-                         "run the same config to resume it, pass --new-run to discard it and start over, "
-                         "or pick another --out")
+        raise InputError(
+            f"{workdir} holds a run of a different config ({'; '.join(differences)}): "
+            "run the same config to resume it, pass --new-run to discard it and start over, "
+            "or pick another --out"
+        )
     return FINISHED if (workdir / "model").is_dir() else RESUME
 
 

@@ -82,11 +82,11 @@ def make_train_step(
         key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
         if grad_cache_chunk:
             (loss, (per_example, pos_sim)), grads = cached_loss_and_grad(
-                graphdef, state.params, rest, key, batch, temperature, grad_cache_chunk, params_sharding)
+                graphdef, state.params, rest, key, batch, temperature, grad_cache_chunk, params_sharding
+            )
         else:
             rest = _reseed(graphdef, state.params, rest, key)
-            (loss, (per_example, pos_sim)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-                state.params, rest, batch)
+            (loss, (per_example, pos_sim)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, rest, batch)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         method = state.method

@@ -41,13 +41,13 @@ from tqdm.auto import tqdm
 
 from opera_jax.config import Config, with_budget
 from opera_jax.data.beir import BeirSplit, load_split, resolve_data_dir
-from opera_jax.data.validation import carve
 from opera_jax.data.mining import load_or_mine
 from opera_jax.data.pairs_jsonl import is_pairs_file, load_pairs_jsonl
 from opera_jax.data.pipeline import BatchSpec, iterate, make_dataset
 from opera_jax.data.tables import TrainData, given_negatives, hold_out
 from opera_jax.data.tokens import TokenArrays, cache_dir, tokenize
 from opera_jax.data.training import TrainingSet, build_training_set
+from opera_jax.data.validation import carve
 from opera_jax.errors import InputError, TrainingDiverged
 from opera_jax.eval.evaluate import Evaluator
 from opera_jax.eval.metrics import write_trec_run
@@ -80,8 +80,14 @@ SPEC_FIELDS = ("pooling", "normalize", "query_prefix", "passage_prefix", "paddin
 def load_model(config: Config) -> Encoder:
     m = config.model
     overrides = {k: getattr(m, k) for k in SPEC_FIELDS if getattr(m, k) is not None}
-    return load_encoder(m.name, precision=Precision.named(m.dtype, m.param_dtype), remat=m.remat,
-                        attention=m.attention, seed=config.seed, overrides=overrides)
+    return load_encoder(
+        m.name,
+        precision=Precision.named(m.dtype, m.param_dtype),
+        remat=m.remat,
+        attention=m.attention,
+        seed=config.seed,
+        overrides=overrides,
+    )
 
 
 @dataclasses.dataclass
@@ -98,8 +104,9 @@ class Setup:
     given: TrainData | None = None
 
 
-def prepare(config: Config, mesh, *, progress: bool = False, training: bool = False,
-            data: TrainData | None = None) -> Setup:
+def prepare(
+    config: Config, mesh, *, progress: bool = False, training: bool = False, data: TrainData | None = None
+) -> Setup:
     """Model, training split and training set, tokenised. ``training``: also load the eval split and
     check that one batch fits the training set, before tokenising anything. ``data``: already-loaded
     splits (``opera_jax.finetune``), used instead of ``data.path``; a ``data.path`` naming a
@@ -122,8 +129,9 @@ def prepare(config: Config, mesh, *, progress: bool = False, training: bool = Fa
             eval_split = evaluation_split(config, data_dir)
         check_batch_fits(config, ts.num_queries, ts.num_pairs, d.train_split)
     query_tokens = tokenize(encoder.tokenizer, ts.query_texts, d.query_max_len, spec.query_prefix)
-    doc_tokens = tokenize(encoder.tokenizer, train_split.corpus.passages(d.passage_text), d.passage_max_len,
-                          spec.passage_prefix)
+    doc_tokens = tokenize(
+        encoder.tokenizer, train_split.corpus.passages(d.passage_text), d.passage_max_len, spec.passage_prefix
+    )
     return Setup(encoder, data_dir, train_split, ts, query_tokens, doc_tokens, eval_split, data)
 
 
@@ -133,13 +141,24 @@ def mine(config: Config, setup: Setup, mesh, *, progress: bool = False, path: Pa
     own = config.mining.model in (None, config.model.name)
     miner = setup.encoder if own else load_encoder(config.mining.model)
     return load_or_mine(
-        path or _mining_cache(config), miner, setup.ts, setup.train_split.corpus.passages(d.passage_text),
-        model_name=config.mining.model or config.model.name, mode=config.mining.mode,
-        rank_start=config.mining.rank_start, rank_end=config.mining.rank_end,
-        num_negatives=config.mining.num_negatives, seed=config.seed,
-        query_max_len=d.query_max_len, passage_max_len=d.passage_max_len, batch_size=d.eval_batch_size,
-        mesh=mesh, query_tokens=setup.query_tokens if own else None,
-        doc_tokens=setup.doc_tokens if own else None, progress=progress)
+        path or _mining_cache(config),
+        miner,
+        setup.ts,
+        setup.train_split.corpus.passages(d.passage_text),
+        model_name=config.mining.model or config.model.name,
+        mode=config.mining.mode,
+        rank_start=config.mining.rank_start,
+        rank_end=config.mining.rank_end,
+        num_negatives=config.mining.num_negatives,
+        seed=config.seed,
+        query_max_len=d.query_max_len,
+        passage_max_len=d.passage_max_len,
+        batch_size=d.eval_batch_size,
+        mesh=mesh,
+        query_tokens=setup.query_tokens if own else None,
+        doc_tokens=setup.doc_tokens if own else None,
+        progress=progress,
+    )
 
 
 def evaluation_split(config: Config, data_dir: Path | None = None) -> BeirSplit:
@@ -158,11 +177,20 @@ def make_method(config: Config, ts: TrainingSet, encoder: Encoder, query_tokens,
     if method.name == "basic":
         return Basic(ts, seed)
     if method.name == "infobatch":
-        return InfoBatch(ts, method.infobatch.ratio, method.infobatch.delta, seed=seed, max_steps=o.max_steps,
-                         min_kept=o.batch_size)
-    s0 = pair_similarities(encoder.model, ts, query_tokens, doc_tokens, query_max_len=config.data.query_max_len,
-                           passage_max_len=config.data.passage_max_len, batch_size=config.data.eval_batch_size,
-                           padding_side=encoder.spec.padding_side, mesh=mesh)
+        return InfoBatch(
+            ts, method.infobatch.ratio, method.infobatch.delta, seed=seed, max_steps=o.max_steps, min_kept=o.batch_size
+        )
+    s0 = pair_similarities(
+        encoder.model,
+        ts,
+        query_tokens,
+        doc_tokens,
+        query_max_len=config.data.query_max_len,
+        passage_max_len=config.data.passage_max_len,
+        batch_size=config.data.eval_batch_size,
+        padding_side=encoder.spec.padding_side,
+        mesh=mesh,
+    )
     if method.name == "sp":
         return Static(ts, s0, method.sp.kept_pct, method.sp.mode, seed)
     return Dynamic(ts, s0, method.dp, seed=seed, max_steps=o.max_steps, batch_size=o.batch_size)
@@ -175,10 +203,22 @@ def _mining_cache(config: Config) -> Path:
     before reusing a file, so a collision can only cost a re-mine.
     """
     m, d = config.mining, config.data
-    key = json.dumps([m.model or config.model.name, m.mode, m.rank_start, m.rank_end, m.num_negatives,
-                      config.seed, d.path, d.train_split, d.query_max_len, d.passage_max_len]
-                     + ([d.passage_text] if d.passage_text != "title_text" else [])
-                     + ([d.valid_fraction] if d.valid_fraction else []))
+    key = json.dumps(
+        [
+            m.model or config.model.name,
+            m.mode,
+            m.rank_start,
+            m.rank_end,
+            m.num_negatives,
+            config.seed,
+            d.path,
+            d.train_split,
+            d.query_max_len,
+            d.passage_max_len,
+        ]
+        + ([d.passage_text] if d.passage_text != "title_text" else [])
+        + ([d.valid_fraction] if d.valid_fraction else [])
+    )
     return cache_dir().parent / "negatives" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.npz"
 
 
@@ -195,7 +235,9 @@ class MetricsLog:
         if enabled and path.exists():
             rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
             with atomic_path(path) as tmp:
-                tmp.write_text("".join(json.dumps(r) + "\n" for r in rows if 0 < keep_until and r["step"] <= keep_until))
+                tmp.write_text(
+                    "".join(json.dumps(r) + "\n" for r in rows if 0 < keep_until and r["step"] <= keep_until)
+                )
 
     def append(self, row: dict) -> None:
         if self.enabled:
@@ -206,9 +248,15 @@ class MetricsLog:
 # ----------------------------------------------------------------------------- the run
 
 
-def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = True,
-                       stop_after: int | None = None, new_run: bool = False,
-                       data: TrainData | None = None) -> dict:
+def train_and_evaluate(
+    config: Config,
+    workdir: str | Path,
+    *,
+    progress: bool = True,
+    stop_after: int | None = None,
+    new_run: bool = False,
+    data: TrainData | None = None,
+) -> dict:
     """Train, evaluate every ``train.eval_every`` steps, checkpoint, export. Returns the last evaluation.
 
     A workdir of the same config resumes from its latest checkpoint; a finished one is returned
@@ -243,16 +291,31 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
             mined = mine(config, setup, mesh, progress=progress)
             ts = ts.with_negatives(mined.negatives, mined.counts)
     eval_split = setup.eval_split if given is None else given.eval
-    evaluator = None if eval_split is None else Evaluator(
-        eval_split, encoder.tokenizer, spec, max_query_len=d.query_max_len,
-        max_passage_len=d.passage_max_len, batch_size=d.eval_batch_size, mesh=mesh, passage_text=d.passage_text)
+    evaluator = (
+        None
+        if eval_split is None
+        else Evaluator(
+            eval_split,
+            encoder.tokenizer,
+            spec,
+            max_query_len=d.query_max_len,
+            max_passage_len=d.passage_max_len,
+            batch_size=d.eval_batch_size,
+            mesh=mesh,
+            passage_text=d.passage_text,
+        )
+    )
     batch_spec = BatchSpec(o.batch_size, d.group_size, d.query_max_len, d.passage_max_len, spec.padding_side)
     setup_start = time.perf_counter()
     method = make_method(config, ts, encoder, query_tokens, doc_tokens, mesh)
     method_setup_s = time.perf_counter() - setup_start  # SP/DP: the base model's pair scores
     if method.ts is not ts:  # static pruning trains on a subset: renumbered queries, so their tokens too
-        check_batch_within(o.batch_size, method.ts.num_queries, method.name,
-                           f"{method.ts.num_queries} of {ts.num_queries} training queries keep a pair")
+        check_batch_within(
+            o.batch_size,
+            method.ts.num_queries,
+            method.name,
+            f"{method.ts.num_queries} of {ts.num_queries} training queries keep a pair",
+        )
         query_tokens = query_tokens.take(method.ts.rows_in(ts))
         ts = method.ts
     if main_process:  # every check passed: the run starts (config.yaml, written once)
@@ -266,13 +329,20 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
     model.train()
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     learning_rate = learning_rate_schedule(o.learning_rate, o.max_steps, o.warmup_ratio, o.schedule)
-    optimizer = make_optimizer(o.learning_rate, o.max_steps, warmup_ratio=o.warmup_ratio,
-                               weight_decay=o.weight_decay, max_grad_norm=o.max_grad_norm, schedule=o.schedule)
+    optimizer = make_optimizer(
+        o.learning_rate,
+        o.max_steps,
+        warmup_ratio=o.warmup_ratio,
+        weight_decay=o.weight_decay,
+        max_grad_norm=o.max_grad_norm,
+        schedule=o.schedule,
+    )
     state = init_state(params, optimizer, config.seed, method.init_state())
     rules = FSDP_RULES if config.mesh.fsdp > 1 else REPLICATED_RULES
     state = put_global(state, tree_shardings(state, mesh, rules))
-    train_step = make_train_step(graphdef, rest, optimizer, o.temperature, method.update,
-                                 grad_cache_chunk=o.grad_cache_chunk)
+    train_step = make_train_step(
+        graphdef, rest, optimizer, o.temperature, method.update, grad_cache_chunk=o.grad_cache_chunk
+    )
     shard_batch = _batch_putter(mesh)
 
     def current_model():
@@ -298,8 +368,16 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
 
     def new_segment(seg: int, step: int, saved_plan=None, saved_iter=None):
         p = saved_plan if saved_plan is not None else method.plan(state.method, seg, step)
-        ds = make_dataset(p, ts, query_tokens, doc_tokens, batch_spec, seed=_segment_seed(config.seed, seg),
-                          process_index=jax.process_index(), process_count=jax.process_count())
+        ds = make_dataset(
+            p,
+            ts,
+            query_tokens,
+            doc_tokens,
+            batch_spec,
+            seed=_segment_seed(config.seed, seg),
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
         if len(ds) == 0:  # checked before the run started (preflight.py): a bug if it happens
             raise ValueError(f"a plan of {len(p)} draws is shorter than one batch of {o.batch_size}")
         return p, iterate(ds, saved_iter)
@@ -315,11 +393,16 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
         if evaluator is None:  # loaded data without an eval split
             return {}
         result = evaluator(current_model(), progress=progress and main_process)  # transient encoding bars
-        row = {"step": step, "wall_time_s": round(time.perf_counter() - run_start, 3),
-               "train_seconds": round(train_seconds, 3), "compile_seconds": round(compile_seconds, 3),
-               "method_setup_s": round(method_setup_s, 3),
-               "examples_seen": step * o.batch_size,
-               **{k: round(v, 6) for k, v in result.metrics.items()}, "eval_seconds": round(result.seconds, 3)}
+        row = {
+            "step": step,
+            "wall_time_s": round(time.perf_counter() - run_start, 3),
+            "train_seconds": round(train_seconds, 3),
+            "compile_seconds": round(compile_seconds, 3),
+            "method_setup_s": round(method_setup_s, 3),
+            "examples_seen": step * o.batch_size,
+            **{k: round(v, 6) for k, v in result.metrics.items()},
+            "eval_seconds": round(result.seconds, 3),
+        }
         metrics_log.append(row)
         if main_process and step == o.max_steps:
             write_trec_run(workdir / "run.trec", result.run)  # the final model's ranking, for per-query tests
@@ -328,8 +411,10 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
                 writer.add_scalar(_eval_tag(k), row[k], step)
             writer.flush()
         if progress and main_process:  # one line per evaluation, above the training bar
-            tqdm.write(f"step {step}{' (base model)' if step == 0 else ''}: ndcg@10 {row['ndcg@10']:.4f} "
-                       f"recall@20 {row['recall@20']:.4f} mrr@10 {row['mrr@10']:.4f} ({result.seconds:.1f} s)")
+            tqdm.write(
+                f"step {step}{' (base model)' if step == 0 else ''}: ndcg@10 {row['ndcg@10']:.4f} "
+                f"recall@20 {row['recall@20']:.4f} mrr@10 {row['mrr@10']:.4f} ({result.seconds:.1f} s)"
+            )
         last = row
         return row
 
@@ -371,19 +456,34 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
                 raise TrainingDiverged(
                     f"loss became NaN or Inf between steps {done - interval_steps} and {done}; "
                     f"last good checkpoint: {'step ' + str(last_saved) if last_saved is not None else 'none'} "
-                    f"in {workdir / 'checkpoints'}")
+                    f"in {workdir / 'checkpoints'}"
+                )
             bar.update(interval_steps)
             bar.set_postfix(loss=f"{mean_loss:.4f}", ex_s=f"{interval_steps * o.batch_size / elapsed:.1f}")
-            train_log.append({"step": done, "loss": mean_loss, "steps": interval_steps,
-                              "examples_per_s": round(interval_steps * o.batch_size / elapsed, 3)})
+            train_log.append(
+                {
+                    "step": done,
+                    "loss": mean_loss,
+                    "steps": interval_steps,
+                    "examples_per_s": round(interval_steps * o.batch_size / elapsed, 3),
+                }
+            )
             if writer is not None:
                 writer.add_scalar("train/loss", mean_loss, done)
                 writer.add_scalar("train/learning_rate", float(learning_rate(done - 1)), done)  # step done's
                 writer.add_scalar("train/examples_per_s", interval_steps * o.batch_size / elapsed, done)
             if is_ckpt:
-                checkpointer.save(done, state, plan, {"segment": segment, "iterator": batches.get_state(),
-                                                      "train_seconds": train_seconds,
-                                                      "compile_seconds": compile_seconds})
+                checkpointer.save(
+                    done,
+                    state,
+                    plan,
+                    {
+                        "segment": segment,
+                        "iterator": batches.get_state(),
+                        "train_seconds": train_seconds,
+                        "compile_seconds": compile_seconds,
+                    },
+                )
                 last_saved = done
             if is_eval:
                 bar.set_description("train (evaluating)")  # the bar says why it waits
@@ -451,6 +551,7 @@ def _eval_tag(metric: str) -> str:
 
 def hparams_of(config: Config) -> dict[str, bool | int | float | str]:
     """The config as TensorBoard hyperparameters: dotted keys, None as "null"."""
+
     def flat(d: dict, prefix: str = "") -> dict:
         out = {}
         for k, v in d.items():

@@ -110,15 +110,29 @@ def tiny_bert() -> None:
                 p.add_(0.1 * torch.randn_like(p))
     config.save_pretrained(out)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
-    (out / "modules.json").write_text(json.dumps([
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-    ], indent=2) + "\n")
+    (out / "modules.json").write_text(
+        json.dumps(
+            [
+                {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+            ],
+            indent=2,
+        )
+        + "\n"
+    )
     (out / "1_Pooling").mkdir(exist_ok=True)
-    (out / "1_Pooling" / "config.json").write_text(json.dumps({
-        "word_embedding_dimension": 32, "pooling_mode_cls_token": True,
-        "pooling_mode_mean_tokens": False, "pooling_mode_max_tokens": False,
-    }, indent=2) + "\n")
+    (out / "1_Pooling" / "config.json").write_text(
+        json.dumps(
+            {
+                "word_embedding_dimension": 32,
+                "pooling_mode_cls_token": True,
+                "pooling_mode_mean_tokens": False,
+                "pooling_mode_max_tokens": False,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     (out / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 32}) + "\n")
 
     texts = ["tiny bert", "a longer input with more characters in it", "x"]
@@ -144,7 +158,17 @@ def tiny_qwen3_tokenizer():
     from transformers import PreTrainedTokenizerFast
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    merges = [("t", "h"), ("h", "e"), ("th", "e"), ("Ġ", "t"), ("Ġt", "he"), ("i", "n"), ("e", "r"), ("a", "n"), ("o", "n")]
+    merges = [
+        ("t", "h"),
+        ("h", "e"),
+        ("th", "e"),
+        ("Ġ", "t"),
+        ("Ġt", "he"),
+        ("i", "n"),
+        ("e", "r"),
+        ("a", "n"),
+        ("o", "n"),
+    ]
     vocab = {c: i for i, c in enumerate(alphabet)}
     for a, b in merges:
         vocab[a + b] = len(vocab)
@@ -155,14 +179,22 @@ def tiny_qwen3_tokenizer():
     tok.add_special_tokens(specials)
     eot = tok.token_to_id("<|endoftext|>")
     # As Qwen3-Embedding's tokenizer: every text ends with <|endoftext|>, the pooled token.
-    tok.post_processor = processors.Sequence([
-        processors.ByteLevel(trim_offsets=False),
-        processors.TemplateProcessing(single="$A <|endoftext|>", pair="$A <|endoftext|> $B <|endoftext|>",
-                                      special_tokens=[("<|endoftext|>", eot)]),
-    ])
+    tok.post_processor = processors.Sequence(
+        [
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(
+                single="$A <|endoftext|>",
+                pair="$A <|endoftext|> $B <|endoftext|>",
+                special_tokens=[("<|endoftext|>", eot)],
+            ),
+        ]
+    )
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<|endoftext|>", eos_token="<|endoftext|>",
-        padding_side="left", model_max_length=128,
+        tokenizer_object=tok,
+        pad_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        padding_side="left",
+        model_max_length=128,
     )
 
 
@@ -206,24 +238,46 @@ def tiny_qwen3() -> None:
     tensors["lm_head.weight"] = model.embed_tokens.weight.detach().clone()
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
 
-    (out / "modules.json").write_text(json.dumps([
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
-    ], indent=2) + "\n")
+    (out / "modules.json").write_text(
+        json.dumps(
+            [
+                {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+                {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+            ],
+            indent=2,
+        )
+        + "\n"
+    )
     (out / "1_Pooling").mkdir(exist_ok=True)
-    (out / "1_Pooling" / "config.json").write_text(json.dumps({
-        "word_embedding_dimension": 64, "pooling_mode_cls_token": False,
-        "pooling_mode_mean_tokens": False, "pooling_mode_max_tokens": False,
-        "pooling_mode_lasttoken": True, "include_prompt": True,
-    }, indent=2) + "\n")
+    (out / "1_Pooling" / "config.json").write_text(
+        json.dumps(
+            {
+                "word_embedding_dimension": 64,
+                "pooling_mode_cls_token": False,
+                "pooling_mode_mean_tokens": False,
+                "pooling_mode_max_tokens": False,
+                "pooling_mode_lasttoken": True,
+                "include_prompt": True,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     (out / "2_Normalize").mkdir(exist_ok=True)
     (out / "2_Normalize" / ".gitkeep").write_text("")
     (out / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 64, "do_lower_case": False}) + "\n")
-    (out / "config_sentence_transformers.json").write_text(json.dumps({
-        "prompts": {"query": QWEN3_QUERY_PROMPT, "document": ""},
-        "default_prompt_name": None, "similarity_fn_name": "cosine",
-    }, indent=2) + "\n")
+    (out / "config_sentence_transformers.json").write_text(
+        json.dumps(
+            {
+                "prompts": {"query": QWEN3_QUERY_PROMPT, "document": ""},
+                "default_prompt_name": None,
+                "similarity_fn_name": "cosine",
+            },
+            indent=2,
+        )
+        + "\n"
+    )
 
     texts = [
         QWEN3_QUERY_PROMPT + "what is the boundary layer?",
@@ -235,8 +289,11 @@ def tiny_qwen3() -> None:
     enc = tok(texts, padding=True, truncation=True, max_length=64, return_tensors="pt")
     assert (enc["attention_mask"][:, 0] == 0).any() and (enc["attention_mask"][:, -1] == 1).all()  # left padded
     with torch.no_grad():
-        hidden = Qwen3Model.from_pretrained(out, attn_implementation="eager").eval()(
-            input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+        hidden = (
+            Qwen3Model.from_pretrained(out, attn_implementation="eager")
+            .eval()(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+            .last_hidden_state
+        )
     emb = torch.nn.functional.normalize(hidden[:, -1], p=2, dim=1)  # left padding: the last token is real
     np.savez_compressed(
         HERE / "tiny_qwen3.npz",

@@ -54,12 +54,17 @@ for i in range(STEPS):
         "query": np.arange(B, dtype=np.int32),
         "weight": np.ones(B, np.float32),
     }
-    local = {k: v[rows] if k.startswith("query") or k in ("pair", "weight") else
-             v[rows.start * G : rows.stop * G] for k, v in batch.items()}
+    local = {
+        k: v[rows] if k.startswith("query") or k in ("pair", "weight") else v[rows.start * G : rows.stop * G]
+        for k, v in batch.items()
+    }
     global_batch = {k: jax.make_array_from_process_local_data(batch_sharding(mesh), v) for k, v in local.items()}
     state, outputs = step(state, global_batch)
     losses.append(float(outputs["loss"]))
 checksum = float(sum(np.abs(np.asarray(x.addressable_data(0))).sum() for x in jax.tree.leaves(state.params)))
 if jax.process_index() == 0:
-    Path(out).write_text(json.dumps({"losses": losses, "checksum": checksum, "devices": len(jax.devices()),
-                                     "processes": jax.process_count()}))
+    Path(out).write_text(
+        json.dumps(
+            {"losses": losses, "checksum": checksum, "devices": len(jax.devices()), "processes": jax.process_count()}
+        )
+    )
