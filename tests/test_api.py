@@ -26,9 +26,11 @@ def retriever(tiny_bert_dir):
 
 
 def _direct(tiny_bert_dir, texts, prefix):
-    """The reference: the tokenizer padded to the longest text, one call of the model."""
+    """The reference: transformers' tokenizer padded to the longest text, one call of the model."""
+    from transformers import AutoTokenizer
+
     enc = load_encoder(str(tiny_bert_dir), overrides=SPEC)
-    batch = enc.tokenizer(
+    batch = AutoTokenizer.from_pretrained(str(tiny_bert_dir))(
         [prefix + t for t in texts],
         padding=True,
         truncation=True,
