@@ -129,8 +129,8 @@ def batches(shape: Shape, count: int, vocab: int) -> list[dict]:
 
 def model_flops(shape: Shape) -> float:
     """Model FLOPs of one step (forward and backward, every token including padding, no remat)."""
+    from opera_jax.memory_plan import analytic_flops
     from opera_jax.models.encoder import ARCHITECTURES
-    from opera_jax.plan import analytic_flops
 
     hf = shape.hf()
     config = ARCHITECTURES[hf["model_type"]].config_cls.from_hf(hf)

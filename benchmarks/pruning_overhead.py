@@ -27,9 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from opera_jax.config import DPConfig
 from opera_jax.methods import dynamic as dp
-
-HP = (0.25, 2.0, 5.0, 0.25, 0.5, 5.0, "cosine", 1.0, True, True)
 
 
 def make_problem(n_pairs: int, seed: int = 0):
@@ -140,7 +139,7 @@ def main(argv=None) -> dict:
         key = jax.random.key(0)
 
         def device_refresh():
-            q, pos, _ = dp.refresh(state, 500, key, pq, pm, n0=n0, num_queries=n, criterion="sim", total=1000, hp=HP)
+            q, pos, _ = dp.refresh(state, 500, key, pq, pm, n0=n0, num_queries=n, total=1000, cfg=DPConfig())
             np.asarray(q), np.asarray(pos)  # the plan goes to the host, as in training
 
         device_refresh()

@@ -9,7 +9,7 @@
 against the cached-gradient step (GradCache) as the global batch grows, against a
 2 GiB per-device budget.
 
-``table``: the planner (``opera_jax.plan``) on bge-large-en-v1.5 and
+``table``: the planner (``opera_jax.memory_plan``) on bge-large-en-v1.5 and
 Qwen3-Embedding 0.6B/4B/8B at the release configs' settings (``configs/``) with
 memory options, for 8 devices (an 8-GPU node, or a TPU v5e-8) and 16 (v5e-16).
 The 4B/8B compiles take minutes each on a 2-core CPU.
@@ -72,10 +72,10 @@ TABLE = {
 
 def _plan_row(label: str, config_path: str | None, overrides: list[str], devices: int, fsdp: int, **extra) -> dict:
     from opera_jax.config import load_config
-    from opera_jax.plan import plan
+    from opera_jax.memory_plan import plan_memory
 
     start = time.perf_counter()
-    result = plan(load_config(config_path, overrides), devices, fsdp)
+    result = plan_memory(load_config(config_path, overrides), devices, fsdp)
     row = {
         "label": label,
         "overrides": overrides,

@@ -68,12 +68,12 @@ def _config(args: argparse.Namespace):
 def _mine(args: argparse.Namespace) -> None:
     from opera_jax.preflight import check_output_file
     from opera_jax.sharding import make_mesh
-    from opera_jax.train.trainer import mine, prepare
+    from opera_jax.train.setup import mine, prepare
 
     config = _config(args)
     check_output_file(args.out, "negatives artifact")
     mesh = make_mesh()
-    result = mine(config, prepare(config, mesh, progress=True), mesh, progress=True, path=args.out)
+    result = mine(config, prepare(config), mesh, progress=True, path=args.out)
     counts = result.counts
     print(
         f"{len(counts)} queries, {int(counts.sum())} negatives (min {counts.min()}, max {counts.max()} per query); "
@@ -82,28 +82,16 @@ def _mine(args: argparse.Namespace) -> None:
 
 
 def _prune(args: argparse.Namespace) -> None:
-    from opera_jax.methods.pair_scores import pair_similarities
     from opera_jax.methods.static import kept_pairs, write_kept_pairs
     from opera_jax.preflight import check_output_file, check_sp_keeps
     from opera_jax.sharding import make_mesh
-    from opera_jax.train.trainer import prepare
+    from opera_jax.train.setup import base_scores, prepare
 
     config = _config(args)
     check_output_file(args.out, "kept pairs file")
-    mesh = make_mesh()
-    setup, d, sp = prepare(config, mesh), config.data, config.method.sp
-    check_sp_keeps(sp.kept_pct, setup.ts.num_pairs, d.train_split)
-    scores = pair_similarities(
-        setup.encoder.model,
-        setup.ts,
-        setup.query_tokens,
-        setup.doc_tokens,
-        query_max_len=d.query_max_len,
-        passage_max_len=d.passage_max_len,
-        batch_size=d.eval_batch_size,
-        padding_side=setup.encoder.spec.padding_side,
-        mesh=mesh,
-    )
+    setup, sp = prepare(config), config.method.sp
+    check_sp_keeps(sp.kept_pct, setup.ts.num_pairs, config.data.train_split)
+    scores = base_scores(config, setup.encoder, setup.ts, setup.query_tokens, setup.doc_tokens, make_mesh())
     keep = kept_pairs(scores, sp.kept_pct, sp.mode, config.seed)
     write_kept_pairs(args.out, setup.ts, setup.train_split.corpus.ids, scores, keep)
     kept_queries = len(set(setup.ts.pair_query[keep].tolist()))
@@ -114,7 +102,7 @@ def _prune(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from opera_jax.train.trainer import export_run
+    from opera_jax.train.export_run import export_run
 
     print(f"wrote {export_run(args.run, args.out, args.step)}")
     if args.push_to_hub:
@@ -131,10 +119,10 @@ def _plan(args: argparse.Namespace) -> None:
     if "xla_force_host_platform_device_count" not in flags:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={args.devices}".strip()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    from opera_jax.plan import plan, write_json
+    from opera_jax.memory_plan import plan_memory, write_json
 
     config = _config(args)
-    result = plan(config, args.devices, args.fsdp if args.fsdp is not None else config.mesh.fsdp)
+    result = plan_memory(config, args.devices, args.fsdp if args.fsdp is not None else config.mesh.fsdp)
     print(result.summary())
     if args.json is not None:
         write_json(result, args.json)

@@ -168,6 +168,8 @@ class Config:
 
 
 # ----------------------------------------------------------------------------- checks
+METHOD_NAMES = ("basic", "sp", "dp", "infobatch")  # methods/registry.py builds each
+
 
 CHOICES = {
     "model.pooling": ("cls", "mean", "last"),
@@ -179,7 +181,7 @@ CHOICES = {
     "data.passage_text": ("title_text", "text"),
     "mining.mode": ("hard", "random"),
     "optim.schedule": ("linear", "constant"),
-    "method.name": ("basic", "sp", "dp", "infobatch"),
+    "method.name": METHOD_NAMES,
     "method.sp.mode": ("highest", "lowest", "random"),
     "method.dp.criterion": ("sim", "loss"),
     "method.dp.schedule": ("cosine", "linear"),

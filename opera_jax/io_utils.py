@@ -1,4 +1,4 @@
-"""Atomic file writes: a reader never sees a half-written file.
+"""Atomic file writes (a reader never sees a half-written file) and the user cache's location.
 
 Files come out with the mode a plain ``open`` would give them (``0666`` less the umask: ``0644``
 under the usual ``022``), not ``mkstemp``'s private ``0600``: an exported model is for teammates.
@@ -13,6 +13,16 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+CACHE_ENV = "OPERA_CACHE_DIR"
+
+
+def cache_dir(kind: str) -> Path:
+    """Where opera-jax keeps ``kind`` (tokens, negatives, kernels, data): ``$OPERA_CACHE_DIR/<kind>``, else
+    ``$XDG_CACHE_HOME/opera-jax/<kind>``, else ``~/.cache/opera-jax/<kind>``."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser() / kind
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "opera-jax" / kind
 
 
 @contextlib.contextmanager

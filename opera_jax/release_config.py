@@ -2,7 +2,7 @@
 
 ``from_release(data, source)`` turns the release's dict into a dict in our
 format, which ``opera_jax.config.load_config`` then checks and builds like any
-other (overrides apply to our keys). The mapping, per ``../shared/docs/opera.md``:
+other (overrides apply to our keys). The mapping, per the release's configs and trainer (projects/opera of lwh51200/autogluon-rag):
 
 - method from ``opera.level``: ``none`` is basic, or SP when
   ``offline_pruning.kept_pct < 1`` (``offline_pruning.mode`` ep / hp / ran ->

@@ -7,17 +7,20 @@ import tempfile
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-# One persistent XLA compilation cache for the whole session: pytest's own process, its xdist
-# workers and the command-line runs tests start all inherit it, so a program that several tests or
-# processes compile alike (a run stopped and its resumed half, the same tiny model's steps) is
-# compiled once. JAX keys it on the program, the compile options, XLA's flags and the devices; a
-# compiled program loaded from it has the same HLO text and analyses the tests read. Made here,
-# before the workers start; removed when the session ends (``pytest_unconfigure``). Your own
-# ``JAX_COMPILATION_CACHE_DIR`` is used and kept instead.
-_OWN_COMPILATION_CACHE = None  # set in the process that made it (the workers find it in the environment)
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-    _OWN_COMPILATION_CACHE = tempfile.mkdtemp(prefix="opera-jax-tests-xla-cache-")
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_COMPILATION_CACHE
+# One persistent XLA compilation cache and one folder of compiled C++ kernels for the whole session:
+# pytest's own process, its xdist workers and the command-line runs tests start all inherit them, so
+# a program that several tests or processes compile alike (a run stopped and its resumed half, the
+# same tiny model's steps) is compiled once, and so is each kernel (tests that give a run its own
+# ``OPERA_CACHE_DIR`` still share the kernels). JAX keys its cache on the program, the compile
+# options, XLA's flags and the devices; a compiled program loaded from it has the same HLO text and
+# analyses the tests read; kernels are keyed on their source, compiler and CPU. Made here, before the
+# workers start; removed when the session ends (``pytest_unconfigure``). Your own
+# ``JAX_COMPILATION_CACHE_DIR`` / ``OPERA_KERNEL_CACHE_DIR`` is used and kept instead.
+_OWN_CACHES = []  # made by this process (the workers find them in the environment)
+for _env, _prefix in (("JAX_COMPILATION_CACHE_DIR", "xla-cache"), ("OPERA_KERNEL_CACHE_DIR", "kernels")):
+    if _env not in os.environ:
+        os.environ[_env] = tempfile.mkdtemp(prefix=f"opera-jax-tests-{_prefix}-")
+        _OWN_CACHES.append(os.environ[_env])
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")  # not the many tiny programs
 
 from opera_jax.cpu.xla_flags import use_xla_cpu_flags  # noqa: E402
@@ -38,9 +41,9 @@ GOLDEN = Path(__file__).resolve().parent / "golden"
 
 
 def pytest_unconfigure(config):
-    """The session's compilation cache goes when the process that made it ends."""
-    if _OWN_COMPILATION_CACHE:
-        shutil.rmtree(_OWN_COMPILATION_CACHE, ignore_errors=True)
+    """The session's caches go when the process that made them ends."""
+    for path in _OWN_CACHES:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

@@ -124,14 +124,14 @@ def test_finetune_on_jsonl_trains_on_its_own_negatives(tiny_bert_dir, tmp_path, 
         raise AssertionError("given negatives must replace mining")
 
     seen = {}
-    real_make_method = trainer.make_method
+    real_build_method = trainer.build_method
 
     def record(config, ts, *args):
         seen["ts"] = ts
-        return real_make_method(config, ts, *args)
+        return real_build_method(config, ts, *args)
 
     monkeypatch.setattr(trainer, "mine", no_mining)
-    monkeypatch.setattr(trainer, "make_method", record)
+    monkeypatch.setattr(trainer, "build_method", record)
     result = opera_jax.finetune(path, out=tmp_path / "run", validation=0, **_overrides(tiny_bert_dir))
     metrics_file = result.run_dir / "metrics.jsonl"
     assert result.metrics == {} and (not metrics_file.exists() or not metrics_file.read_text().strip())
@@ -178,8 +178,8 @@ def test_readme_example_runs(minilm_dir, tmp_path, monkeypatch, capsys):
     assert meta["base_model"] == "sentence-transformers/all-MiniLM-L6-v2"
 
 
-def test_a_jsonl_data_path_is_read_with_a_held_out_tenth(tiny_bert_dir, tmp_path, mesh1):
-    from opera_jax.train.trainer import prepare
+def test_a_jsonl_data_path_is_read_with_a_held_out_tenth(tiny_bert_dir, tmp_path):
+    from opera_jax.train.setup import prepare
 
     path = tmp_path / "pairs.jsonl"
     path.write_text(
@@ -189,7 +189,7 @@ def test_a_jsonl_data_path_is_read_with_a_held_out_tenth(tiny_bert_dir, tmp_path
         )
     )
     config = load_config(None, [f"model.name={tiny_bert_dir}", f"data.path={path}", "seed=5"])
-    setup = prepare(config, mesh1)
+    setup = prepare(config)
     held = setup.given.eval
     assert setup.data_dir is None and len(held.queries) == 3 and setup.ts.num_queries == 27
     assert not set(held.queries.ids) & set(setup.ts.query_ids)

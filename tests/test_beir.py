@@ -100,6 +100,9 @@ def test_default_root_is_beside_the_checkout(monkeypatch):
 def test_default_root_of_an_installed_package_is_the_user_cache(tmp_path, monkeypatch):
     site = tmp_path / "site-packages" / "opera_jax"  # a wheel's package: no pyproject.toml beside it
     site.mkdir(parents=True)
+    monkeypatch.setenv("OPERA_CACHE_DIR", str(tmp_path / "own"))
+    assert beir.default_data_root(site) == tmp_path / "own" / "data"
+    monkeypatch.delenv("OPERA_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert beir.default_data_root(site) == tmp_path / "xdg" / "opera-jax" / "data"
     monkeypatch.delenv("XDG_CACHE_HOME")

@@ -1,5 +1,7 @@
 """DP's device kernels against the NumPy oracle (tests/opera_oracle.py)."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,9 +10,10 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from opera_jax.config import DPConfig
 from opera_jax.methods import dynamic as dp
 
-HP = (0.25, 2.0, 5.0, 0.25, 0.5, 5.0, "cosine", 1.0, True, True)
+CFG = DPConfig()  # the paper's values: q 0.25, strength 2 -> 5, c 0.25 -> 0.5, pos strength 5, cosine
 TOTAL = 1000
 
 
@@ -37,9 +40,8 @@ def _refresh(scores, pair_query, matrix, step, key, n0):
         jnp.asarray(matrix),
         n0=n0,
         num_queries=matrix.shape[0],
-        criterion="sim",
         total=TOTAL,
-        hp=HP,
+        cfg=CFG,
     )
 
 
@@ -62,9 +64,7 @@ def test_thresholds_and_kept_sets_match_the_oracle(t):
     n = matrix.shape[0]
     want = oracle.refresh_probabilities(scores.astype(np.float64), pair_query, n, t, TOTAL)
     state = dp.DPState(jnp.asarray(scores), jnp.zeros(len(scores)))
-    got = dp.selection(
-        state, t, jnp.asarray(pair_query), n0=want["n0"], num_queries=n, criterion="sim", total=TOTAL, hp=HP
-    )
+    got = dp.selection(state, t, jnp.asarray(pair_query), n0=want["n0"], num_queries=n, total=TOTAL, cfg=CFG)
     assert float(got["r"]) == pytest.approx(want["r"], rel=1e-5)
     assert float(got["theta_q"]) == pytest.approx(want["theta_q"], abs=1e-5)
     assert float(got["theta_d"]) == pytest.approx(want["theta_d"], abs=1e-5)
@@ -118,9 +118,8 @@ def test_same_plan_on_one_and_eight_devices(mesh1, mesh8):
             put(matrix),
             n0=n0,
             num_queries=matrix.shape[0],
-            criterion="sim",
             total=TOTAL,
-            hp=HP,
+            cfg=CFG,
         )
         plans.append((np.asarray(q), np.asarray(p)))
     np.testing.assert_array_equal(plans[0][0], plans[1][0])
@@ -149,7 +148,7 @@ def test_loss_criterion_leaves_unseen_pairs_out_of_means_and_quantiles(keep_high
     n = matrix.shape[0]
     rng = np.random.default_rng(t)
     losses = _losses(scores, pair_query, rng, unseen_queries=[0, 5, 17], unseen_pairs=rng.choice(len(scores), 6))
-    hp = HP[:8] + (keep_higher, True)
+    cfg = dataclasses.replace(CFG, criterion="loss", keep_higher_query=keep_higher)
     want = oracle.refresh_probabilities(
         scores.astype(np.float64),
         pair_query,
@@ -160,9 +159,7 @@ def test_loss_criterion_leaves_unseen_pairs_out_of_means_and_quantiles(keep_high
         keep_higher_query=keep_higher,
     )
     state = dp.DPState(jnp.asarray(scores), jnp.asarray(losses))
-    got = dp.selection(
-        state, t, jnp.asarray(pair_query), n0=want["n0"], num_queries=n, criterion="loss", total=TOTAL, hp=hp
-    )
+    got = dp.selection(state, t, jnp.asarray(pair_query), n0=want["n0"], num_queries=n, total=TOTAL, cfg=cfg)
     assert float(got["theta_q"]) == pytest.approx(want["theta_q"], abs=1e-5)
     np.testing.assert_array_equal(np.asarray(got["kept"]), want["kept"])
     assert np.asarray(got["kept"])[[0, 5, 17]].all()
@@ -185,9 +182,9 @@ def test_loss_criterion_after_scifacts_first_epoch(keep_higher):
     losses[first[trained]] = rng.gamma(2.0, 0.5, 480)  # one positive of each trained query
     n0 = dp.epoch_length(n, 0.25, 2.0)
     assert n0 == 505
-    hp = HP[:8] + (keep_higher, True)
+    cfg = dataclasses.replace(CFG, criterion="loss", keep_higher_query=keep_higher)
     state = dp.DPState(jnp.asarray(scores), jnp.asarray(losses))
-    got = dp.selection(state, 15, jnp.asarray(pair_query), n0=n0, num_queries=n, criterion="loss", total=300, hp=hp)
+    got = dp.selection(state, 15, jnp.asarray(pair_query), n0=n0, num_queries=n, total=300, cfg=cfg)
     seen_means = losses[first[trained]]
     r = float(got["r"])
     assert float(got["theta_q"]) == pytest.approx(np.quantile(seen_means, 1 - r if keep_higher else r), rel=1e-5)

@@ -5,13 +5,13 @@ import json
 import numpy as np
 import pytest
 
-from opera_jax.data import mining
-from opera_jax.data.mining import MiningResult, load_mining, load_or_mine, mine_negatives, save_mining
 from opera_jax.data.tokens import tokenize
 from opera_jax.data.training import TrainingSet
 from opera_jax.errors import InputError
 from opera_jax.eval.retrieval import encode
 from opera_jax.models.encoder import load_encoder
+from opera_jax.train import mining
+from opera_jax.train.mining import MiningResult, load_mining, load_or_mine, mine_negatives, save_mining
 
 pytestmark = pytest.mark.slow  # the fast tier (-m "not slow") leaves this file out: README "Tests"
 

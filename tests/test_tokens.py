@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from opera_jax import io_utils
 from opera_jax.data import tokens as tk
 from opera_jax.data.tokens import bucket_for, bucket_lengths, load_tokenizer, tokenize
 
@@ -84,7 +85,7 @@ def test_bucket_lengths():
 
 
 def test_cache_is_keyed_by_length_prefix_and_content(tokenizer, monkeypatch, tmp_path):
-    monkeypatch.setenv(tk.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv(io_utils.CACHE_ENV, str(tmp_path))
     first = tokenize(tokenizer, TEXTS, 32)
     files = sorted((tmp_path / "tokens").glob("*.npz"))
     assert len(files) == 1

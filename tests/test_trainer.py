@@ -11,7 +11,8 @@ from opera_jax.config import load_config
 from opera_jax.data.tokens import tokenize
 from opera_jax.errors import TrainingDiverged
 from opera_jax.models.encoder import load_encoder
-from opera_jax.train.trainer import export_run, train_and_evaluate
+from opera_jax.train.export_run import export_run
+from opera_jax.train.trainer import train_and_evaluate
 
 pytestmark = pytest.mark.slow  # the fast tier (-m "not slow") leaves this file out: README "Tests"
 
@@ -168,7 +169,7 @@ def test_tiny_qwen3_runs_dp_with_cached_gradients_end_to_end(tmp_path):
 
 
 def test_metrics_log_keeps_resumed_rows_and_restarts_fresh_runs(tmp_path):
-    from opera_jax.train.trainer import MetricsLog
+    from opera_jax.train.run_logs import MetricsLog
 
     path = tmp_path / "metrics.jsonl"
     rows = [{"step": s, "ndcg@10": s / 100} for s in (0, 15, 30)]

@@ -4,9 +4,9 @@ and running them per device.
 The kernels (``csrc/*.cc``: attention in ``attention.py``, matrix products through MKL in
 ``blas.py``) are XLA FFI handlers compiled from source the first time a process needs them,
 with the C++ compiler of ``$CXX`` (default ``g++``, else ``c++``) and ``-O3 -march=native``, into
-``$OPERA_CACHE_DIR/kernels`` (default ``~/.cache/opera_jax/kernels``): one library per source (with
-the headers beside it), compiler, flags, linked libraries, jaxlib and CPU; later processes load it
-from there.
+``$OPERA_KERNEL_CACHE_DIR``, else ``$OPERA_CACHE_DIR/kernels`` (default ``~/.cache/opera-jax/kernels``):
+one library per source (with the headers beside it), compiler, flags, linked libraries, jaxlib and
+CPU; later processes load it from there.
 """
 
 from __future__ import annotations
@@ -23,8 +23,7 @@ from pathlib import Path
 
 import jax
 
-from opera_jax.data import tokens
-from opera_jax.io_utils import atomic_path
+from opera_jax.io_utils import atomic_path, cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +50,6 @@ def wanted(env: str) -> bool:
     return _disabled == 0 and os.environ.get(env, "1") != "0"
 
 
-def cache_dir() -> Path:
-    """``kernels/`` beside the token cache, under ``$OPERA_CACHE_DIR`` (default ``~/.cache/opera_jax``)."""
-    return tokens.cache_dir().parent / "kernels"
-
-
 def _cpu_signature() -> str:
     """The CPU's model and feature flags (``-march=native`` code is only valid on a CPU like this one)."""
     try:
@@ -64,6 +58,16 @@ def _cpu_signature() -> str:
         return "\n".join(sorted(set(lines)))
     except OSError:
         return platform.processor() or platform.machine()
+
+
+KERNEL_CACHE_ENV = "OPERA_KERNEL_CACHE_DIR"
+
+
+def kernel_dir() -> Path:
+    """Where compiled kernels are kept. Content-addressed, so one folder can serve every run and test
+    (the tests share one per session: a kernel compiles once, not once per process)."""
+    own = os.environ.get(KERNEL_CACHE_ENV)
+    return Path(own).expanduser() if own else cache_dir("kernels")
 
 
 def find_compiler() -> str | None:
@@ -109,7 +113,7 @@ def build(source: Path, compiler: str, out_dir: Path, link: tuple[str, ...] = ()
 def load(
     source: Path, targets: dict[str, str], fallback: str, link: tuple[str, ...] = (), extra_key: str = ""
 ) -> ctypes.CDLL | None:
-    """Compile ``source`` (now, if needed, into :func:`cache_dir`), load it, register each
+    """Compile ``source`` (now, if needed, into :func:`kernel_dir`), load it, register each
     ``{XLA custom-call target: the library's handler symbol}`` with XLA:CPU and return the library.
     ``None``, after a one-line warning that ends with ``fallback`` (what runs instead), where there
     is no C++ compiler or the kernel does not build."""
@@ -118,7 +122,7 @@ def load(
         log.warning("opera-jax: no C++ compiler ($CXX, g++, c++): %s", fallback)
         return None
     try:
-        lib = ctypes.cdll.LoadLibrary(str(build(source, compiler, cache_dir(), link, extra_key)))
+        lib = ctypes.cdll.LoadLibrary(str(build(source, compiler, kernel_dir(), link, extra_key)))
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         log.warning("opera-jax: %s did not build (%s): %s", source.name, e, fallback)
         return None

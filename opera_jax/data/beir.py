@@ -43,6 +43,7 @@ from typing import Any
 
 import opera_jax
 from opera_jax.errors import InputError
+from opera_jax.io_utils import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -148,12 +149,11 @@ class BeirSplit:
 def default_data_root(package_dir: Path | None = None) -> Path:
     """The default root of collections: ``shared/data`` beside a source checkout (``pyproject.toml``
     next to the package); installed from a wheel, the user cache ``~/.cache/opera-jax/data``
-    (``$XDG_CACHE_HOME`` honoured), not a folder relative to site-packages."""
+    (``io_utils.cache_dir``), not a folder relative to site-packages."""
     package_dir = Path(opera_jax.__file__).parent if package_dir is None else package_dir
     if (package_dir.parent / "pyproject.toml").is_file():
         return package_dir.parents[1] / "shared" / "data"
-    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(cache) / "opera-jax" / "data"
+    return cache_dir("data")
 
 
 def resolve_data_dir(path: str | os.PathLike[str] | None = None) -> Path:

@@ -22,9 +22,9 @@ import zlib
 from pathlib import Path
 
 from opera_jax.errors import InputError
+from opera_jax.io_utils import cache_dir
 
 PREFIX = "beir/"
-CACHE_ENV = "OPERA_CACHE_DIR"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
@@ -34,8 +34,7 @@ def is_hub_name(ref: str | os.PathLike) -> bool:
 
 def cache_root() -> Path:
     """Where fetched collections go: ``$OPERA_CACHE_DIR/data/beir`` or ``~/.cache/opera-jax/data/beir``."""
-    base = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "opera-jax"
-    return Path(base).expanduser() / "data" / "beir"
+    return cache_dir("data") / "beir"
 
 
 def fetch_beir(name: str, *, root: Path | None = None) -> Path:

@@ -24,10 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from opera_jax.errors import InputError
-from opera_jax.io_utils import atomic_path
-
-CACHE_ENV = "OPERA_CACHE_DIR"
-
+from opera_jax.io_utils import atomic_path, cache_dir
 
 # The files that define a tokenizer, copied as they are by ``FastTokenizer.save_pretrained``.
 TOKENIZER_FILES = (
@@ -147,10 +144,6 @@ def _transformers_tokenizer(model_dir: Path):
     return tok
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "opera_jax") / "tokens"
-
-
 @dataclasses.dataclass(frozen=True)
 class TokenArrays:
     """Ragged token ids: text ``i`` is ``flat[offsets[i]:offsets[i] + lengths[i]]``."""
@@ -234,7 +227,7 @@ def tokenize(
     use_cache: bool = True,
 ) -> TokenArrays:
     """Tokenise ``prefix + text`` for every text, truncated to ``max_len`` tokens (special tokens included)."""
-    path = cache_dir() / f"{_key(tokenizer, texts, max_len, prefix)}.npz"
+    path = cache_dir("tokens") / f"{_key(tokenizer, texts, max_len, prefix)}.npz"
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     if use_cache and path.exists():
         with np.load(path, allow_pickle=False) as z:

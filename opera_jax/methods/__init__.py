@@ -5,9 +5,11 @@ A method is an object with
 - ``init_state()``: its device state, carried in the ``TrainState`` and checkpointed (``()`` if none);
 - ``update``: ``None``, or a pure function ``(state, batch, per_example_loss, pos_sim) -> state``
   run inside the jitted train step (DP's score scatter, InfoBatch's loss record);
-- ``plan(state, segment, step) -> Plan``: the draws of the next stretch of training.
+- ``plan(state, segment, step) -> Plan``: the draws of the next stretch of training;
+- ``from_config(config, ts, base_scores)``: the constructor ``registry.build_method`` calls.
 
-``basic`` is standard finetuning; ``sp``, ``dp`` and ``infobatch`` live beside it.
+``basic`` is standard finetuning; ``sp``, ``dp`` and ``infobatch`` live beside it, each in its own
+module; ``registry.py`` maps their names to them.
 """
 
 from __future__ import annotations

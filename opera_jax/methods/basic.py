@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from opera_jax.config import Config
 from opera_jax.data.pipeline import Plan, uniform_plan
 from opera_jax.data.training import TrainingSet
 
@@ -14,6 +15,10 @@ class Basic:
 
     def __init__(self, ts: TrainingSet, seed: int):
         self.ts, self.seed = ts, seed
+
+    @classmethod
+    def from_config(cls, config: Config, ts: TrainingSet, base_scores) -> Basic:
+        return cls(ts, config.seed)
 
     def init_state(self):
         return ()

@@ -1,6 +1,6 @@
 """OPERA dynamic pruning (DP), with all of its bookkeeping on the accelerator.
 
-The method (``../shared/docs/opera.md``): keep one score per training pair,
+The method (OPERA, Fang et al., arXiv 2603.17205): keep one score per training pair,
 ``S``, initialised with the base model's similarities and overwritten by every
 train step with that step's positive similarities. At each refresh:
 
@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from opera_jax.config import Config, DPConfig
 from opera_jax.data.pipeline import Plan
 from opera_jax.data.training import TrainingSet
 
@@ -112,31 +113,29 @@ class DPState:
     losses: jax.Array  # f32 [N] pair losses (the "loss" criterion), UNSEEN (NaN) until trained on
 
 
-def selection(
-    state: DPState, step, pair_query, *, n0: int, num_queries: int, criterion: str, total: int, hp: tuple
-) -> dict:
+def selection(state: DPState, step, pair_query, *, n0: int, num_queries: int, total: int, cfg: DPConfig) -> dict:
     """Both levels' thresholds at ``step``: r(t), theta_q, the kept queries, c(t), theta_d, pair weights."""
-    (q_start, x_start, x_end, c_start, c_end, strength_d, kind, delta, higher_q, higher_d) = hp
-    if criterion == "sim":
+    if cfg.criterion == "sim":
         query_score = segment_mean(state.scores, pair_query, num_queries)
     else:  # NaN for a query none of whose pairs has been trained on: kept, and out of the quantile
         query_score = seen_segment_mean(state.losses, pair_query, num_queries)
-    r = query_cutoff(schedule(step, total, x_start, x_end, kind, delta), n0, num_queries)
-    theta_q = threshold(query_score, r, higher_q)
-    c = schedule(step, total, c_start, c_end, kind, delta)
-    theta_d = threshold(state.scores, c, higher_d)
-    high = above(state.scores, theta_d, higher_d, inclusive=False)  # S > theta_d
+    kind, delta = cfg.schedule, cfg.delta
+    r = query_cutoff(schedule(step, total, cfg.strength_start, cfg.strength_end, kind, delta), n0, num_queries)
+    theta_q = threshold(query_score, r, cfg.keep_higher_query)
+    c = schedule(step, total, cfg.pos_cutoff_start, cfg.pos_cutoff_end, kind, delta)
+    theta_d = threshold(state.scores, c, cfg.keep_higher_pos)
+    high = above(state.scores, theta_d, cfg.keep_higher_pos, inclusive=False)  # S > theta_d
     return {
         "r": r,
         "theta_q": theta_q,
-        "kept": above(query_score, theta_q, higher_q, inclusive=True) | jnp.isnan(query_score),  # m(q) >= theta_q
+        "kept": above(query_score, theta_q, cfg.keep_higher_query, inclusive=True) | jnp.isnan(query_score),
         "c": c,
         "theta_d": theta_d,
-        "pair_weight": jnp.where(high, strength_d, 1.0),
+        "pair_weight": jnp.where(high, cfg.pos_strength, 1.0),
     }
 
 
-@functools.partial(jax.jit, static_argnames=("n0", "num_queries", "criterion", "total", "hp"))
+@functools.partial(jax.jit, static_argnames=("n0", "num_queries", "total", "cfg"))
 def refresh(
     state: DPState,
     step,
@@ -146,12 +145,11 @@ def refresh(
     *,
     n0: int,
     num_queries: int,
-    criterion: str,
     total: int,
-    hp: tuple,
+    cfg: DPConfig,
 ):
     """The next epoch plan, on device: ``(queries [n0], positive pair ids [n0], selection stats)``."""
-    stats = selection(state, step, pair_query, n0=n0, num_queries=num_queries, criterion=criterion, total=total, hp=hp)
+    stats = selection(state, step, pair_query, n0=n0, num_queries=num_queries, total=total, cfg=cfg)
     k_queries, k_pos = jax.random.split(key)
     queries = draw_queries(k_queries, stats["kept"], n0)
     rows = pair_matrix[queries]
@@ -176,7 +174,9 @@ class Dynamic:
     name = "dp"
     update = staticmethod(update)
 
-    def __init__(self, ts: TrainingSet, initial_scores: np.ndarray, cfg, *, seed: int, max_steps: int, batch_size: int):
+    def __init__(
+        self, ts: TrainingSet, initial_scores: np.ndarray, cfg: DPConfig, *, seed: int, max_steps: int, batch_size: int
+    ):
         self.ts, self.cfg, self.seed, self.total = ts, cfg, seed, max_steps
         self.initial_scores = np.asarray(initial_scores, np.float32)
         self.n0 = epoch_length(ts.num_queries, cfg.query_cutoff_start, cfg.strength_start)
@@ -184,17 +184,12 @@ class Dynamic:
         self.pair_matrix = jnp.asarray(ts.pair_matrix())
         steps = cfg.refresh_every or max(self.n0 // batch_size, 1)
         self.draws = steps * batch_size  # plan length between refreshes
-        self.hp = (
-            cfg.query_cutoff_start,
-            cfg.strength_start,
-            cfg.strength_end,
-            cfg.pos_cutoff_start,
-            cfg.pos_cutoff_end,
-            cfg.pos_strength,
-            cfg.schedule,
-            cfg.delta,
-            cfg.keep_higher_query,
-            cfg.keep_higher_pos,
+
+    @classmethod
+    def from_config(cls, config: Config, ts: TrainingSet, base_scores) -> Dynamic:
+        o = config.optim
+        return cls(
+            ts, base_scores(), config.method.dp, seed=config.seed, max_steps=o.max_steps, batch_size=o.batch_size
         )
 
     def init_state(self) -> DPState:
@@ -214,9 +209,8 @@ class Dynamic:
                 self.pair_matrix,
                 n0=self.n0,
                 num_queries=self.ts.num_queries,
-                criterion=self.cfg.criterion,
                 total=self.total,
-                hp=self.hp,
+                cfg=self.cfg,
             )
             queries.append(q)
             pairs.append(p)

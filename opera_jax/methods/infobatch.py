@@ -9,7 +9,7 @@ never pruned and does not count in the mean: the release scores it 3.0 and a
 constant as large as 1e6 would make the mean that constant's share (on SciFact,
 809 queries in batches of 32 leave 9 unseen after the first epoch: a mean of
 ~11,000 made every seen query "well learned" and epoch 2 pruned at random). In the last ``(1 - delta)`` share of the steps
-nothing is pruned (annealing; measured in steps, see opera.md).
+nothing is pruned (annealing; measured in steps, as in the InfoBatch paper, Qin et al., ICLR 2024).
 
 An epoch never shrinks below ``min_kept`` queries (the trainer passes one global
 batch): on a small training set (MED: 20 queries, batch 16) an unbounded draw
@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from opera_jax.config import Config
 from opera_jax.data.pipeline import Plan, uniform_positives
 from opera_jax.data.training import TrainingSet
 
@@ -73,6 +74,11 @@ class InfoBatch:
     def __init__(self, ts: TrainingSet, ratio: float, delta: float, *, seed: int, max_steps: int, min_kept: int = 0):
         self.ts, self.ratio, self.seed, self.min_kept = ts, ratio, seed, min_kept
         self.anneal_from = int(delta * max_steps)
+
+    @classmethod
+    def from_config(cls, config: Config, ts: TrainingSet, base_scores) -> InfoBatch:
+        ib, o = config.method.infobatch, config.optim
+        return cls(ts, ib.ratio, ib.delta, seed=config.seed, max_steps=o.max_steps, min_kept=o.batch_size)
 
     def init_state(self) -> jax.Array:
         return jnp.full((self.ts.num_queries,), UNSEEN, jnp.float32)

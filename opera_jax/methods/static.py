@@ -12,6 +12,7 @@ import math
 
 import numpy as np
 
+from opera_jax.config import Config
 from opera_jax.data.training import TrainingSet
 from opera_jax.io_utils import write_text
 from opera_jax.methods.basic import Basic
@@ -45,6 +46,11 @@ class Static(Basic):
         self.keep = kept_pairs(scores, kept_pct, mode, seed)
         self.scores = scores
         super().__init__(ts.subset_pairs(self.keep), seed)
+
+    @classmethod
+    def from_config(cls, config: Config, ts: TrainingSet, base_scores) -> Static:
+        sp = config.method.sp
+        return cls(ts, base_scores(), sp.kept_pct, sp.mode, config.seed)
 
 
 def write_kept_pairs(path, ts: TrainingSet, doc_ids, scores: np.ndarray, keep: np.ndarray) -> None:

@@ -1,6 +1,6 @@
 """Hugging Face safetensors <-> NNX parameters, through a declarative name table.
 
-A model's ``params.py`` declares a table of ``(hf_name, our_path, transpose)``
+A model's params module (``bert_params.py``, ``qwen3_params.py``) declares a table of ``(hf_name, our_path, transpose)``
 rows, where ``{i}`` stands for a layer number. ``NameMap`` compiles it to
 regular expressions and maps in both directions: loading (HF -> ours) and
 export (ours -> HF). Loading is strict: a checkpoint tensor that maps to

@@ -1,6 +1,6 @@
 """Hard-negative mining: a list of negative corpus rows for every training query.
 
-``mine_negatives`` follows the release (docs/opera.md, "Hard-negative mining"):
+``mine_negatives`` follows the OPERA release's hard-negative mining (projects/opera of lwh51200/autogluon-rag):
 
 * ``mode="hard"``: encode the corpus and the training queries with the base
   model (the spec's prefixes, on device), exact inner-product top-``rank_end``

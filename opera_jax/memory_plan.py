@@ -1,4 +1,4 @@
-"""``plan(config, devices, fsdp)``: per-device memory and FLOPs of a config's train step, without weights.
+"""``plan_memory(config, devices, fsdp)``: per-device memory and FLOPs of a config's train step, without weights.
 
 The model is built abstractly (``nnx.eval_shape``: shapes and dtypes, nothing
 allocated, no weights read), and the real train step (``make_train_step``) is
@@ -42,7 +42,7 @@ GiB = 1024**3
 
 
 @dataclasses.dataclass(frozen=True)
-class Plan:
+class MemoryPlan:
     model: str
     source: str  # the model directory, or "preset ..." when the hub id could not be resolved
     architecture: str
@@ -161,7 +161,7 @@ def analytic_flops(
     return passes * weights * tokens + passes / 2 * attention
 
 
-def plan(config: Config, devices: int, fsdp: int = 1) -> Plan:
+def plan_memory(config: Config, devices: int, fsdp: int = 1) -> MemoryPlan:
     """Compile ``config``'s train step for ``devices`` devices (``fsdp`` of them splitting parameters)."""
     import jax
     import jax.numpy as jnp
@@ -244,7 +244,7 @@ def plan(config: Config, devices: int, fsdp: int = 1) -> Plan:
         cost = cost[0] if cost else {}
     tokens = b * d.query_max_len + b * g * d.passage_max_len
     remat = policy_name(m.remat)
-    return Plan(
+    return MemoryPlan(
         model=m.name,
         source=source,
         architecture=architecture,
@@ -298,17 +298,17 @@ def _xla_ops_only():
     return kernels.disabled()
 
 
-def write_json(result: Plan, path: str | Path) -> None:
+def write_json(result: MemoryPlan, path: str | Path) -> None:
     from opera_jax import io_utils
 
     io_utils.write_json(path, dataclasses.asdict(result))
 
 
-def fits(result: Plan, budget_bytes: float) -> bool:
+def fits(result: MemoryPlan, budget_bytes: float) -> bool:
     return result.peak_bytes <= budget_bytes
 
 
-def as_row(result: Plan) -> dict[str, Any]:
+def as_row(result: MemoryPlan) -> dict[str, Any]:
     """The figures of one plan, in GiB, for tables."""
     return {
         "params_gib": result.param_bytes / GiB,

@@ -9,8 +9,8 @@ from flax import nnx
 
 from opera_jax.cli import main
 from opera_jax.config import load_config
+from opera_jax.memory_plan import model_config, plan_memory, presets
 from opera_jax.models.encoder import load_encoder
-from opera_jax.plan import model_config, plan, presets
 
 pytestmark = pytest.mark.slow  # the fast tier (-m "not slow") leaves this file out: README "Tests"
 
@@ -24,13 +24,13 @@ def _config(name, *extra):
 
 @pytest.fixture(scope="module")
 def plans():
-    """(model, fsdp, dtype) -> Plan, each compiled once."""
+    """(model, fsdp, dtype) -> MemoryPlan, each compiled once."""
     cache = {}
 
     def get(name, fsdp=1, dtype="float32"):
         key = (name, fsdp, dtype)
         if key not in cache:
-            cache[key] = plan(_config(name, f"model.dtype={dtype}", f"model.param_dtype={dtype}"), 8, fsdp)
+            cache[key] = plan_memory(_config(name, f"model.dtype={dtype}", f"model.param_dtype={dtype}"), 8, fsdp)
         return cache[key]
 
     return get
