@@ -225,7 +225,7 @@ def time_to_target(curve: list[dict], target: float) -> float | None:
 def _evaluation_split(args, rows):
     """The split the runs were evaluated on (test, or the validation queries of data.valid_fraction)."""
     from opera_jax.config import load_config
-    from opera_jax.train.trainer import evaluation_split
+    from opera_jax.train.setup import evaluation_split
 
     method = next(m for m in rows if m != "pretrain")
     seed = sorted(rows[method])[0]

@@ -187,9 +187,14 @@ class Dynamic:
 
     @classmethod
     def from_config(cls, config: Config, ts: TrainingSet, base_scores) -> Dynamic:
-        o = config.optim
+        optim = config.optim
         return cls(
-            ts, base_scores(), config.method.dp, seed=config.seed, max_steps=o.max_steps, batch_size=o.batch_size
+            ts,
+            base_scores(),
+            config.method.dp,
+            seed=config.seed,
+            max_steps=optim.max_steps,
+            batch_size=optim.batch_size,
         )
 
     def init_state(self) -> DPState:

@@ -77,8 +77,8 @@ class InfoBatch:
 
     @classmethod
     def from_config(cls, config: Config, ts: TrainingSet, base_scores) -> InfoBatch:
-        ib, o = config.method.infobatch, config.optim
-        return cls(ts, ib.ratio, ib.delta, seed=config.seed, max_steps=o.max_steps, min_kept=o.batch_size)
+        ib, optim = config.method.infobatch, config.optim
+        return cls(ts, ib.ratio, ib.delta, seed=config.seed, max_steps=optim.max_steps, min_kept=optim.batch_size)
 
     def init_state(self) -> jax.Array:
         return jnp.full((self.ts.num_queries,), UNSEEN, jnp.float32)

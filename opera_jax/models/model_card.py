@@ -67,7 +67,7 @@ def hub_id(name: str | None, source: Path | None = None) -> str | None:
 
 def run_card(config, workdir: Path, setup=None, *, step: int | None = None) -> CardInfo:
     """The card of a training run: its config, ``metrics.jsonl`` (rows up to ``step``) and data sizes."""
-    d = config.data
+    data_cfg = config.data
     rows = []
     metrics_file = Path(workdir) / "metrics.jsonl"
     if metrics_file.exists():
@@ -79,19 +79,19 @@ def run_card(config, workdir: Path, setup=None, *, step: int | None = None) -> C
         data = f"`{given.train.name}` (loaded in memory)"
         eval_data = None if given.eval is None else f"`{given.eval.name}`, split `{given.eval.split}`"
     else:
-        data = f"`{d.path}`, split `{d.train_split}`"
-        eval_data = f"`{d.path}`, split `{d.eval_split}`"
+        data = f"`{data_cfg.path}`, split `{data_cfg.train_split}`"
+        eval_data = f"`{data_cfg.path}`, split `{data_cfg.eval_split}`"
     datasets = ()
-    if d.path.startswith("beir/"):
-        datasets = (f"BeIR/{d.path[5:]}", f"BeIR/{d.path[5:]}-qrels")
+    if data_cfg.path.startswith("beir/"):
+        datasets = (f"BeIR/{data_cfg.path[5:]}", f"BeIR/{data_cfg.path[5:]}-qrels")
     ts = getattr(setup, "ts", None)
     m = config.mining
     negatives = (
-        f"{d.group_size - 1} per query, drawn from the {m.mode} negatives mined at ranks "
+        f"{data_cfg.group_size - 1} per query, drawn from the {m.mode} negatives mined at ranks "
         f"{m.rank_start}-{m.rank_end} by {m.model or 'the base model'}"
     )
     if given is not None and given.negatives is not None:
-        negatives = f"{d.group_size - 1} per query, drawn from the data's own negatives"
+        negatives = f"{data_cfg.group_size - 1} per query, drawn from the data's own negatives"
     return CardInfo(
         base_model=hub_id(config.model.name),
         source=config.model.name,
@@ -171,19 +171,19 @@ def render(info: CardInfo, spec: EncoderSpec, *, dim: int, architecture: str, re
 
 def _training(info: CardInfo) -> list[str]:
     c = info.config
-    d, o = c.data, c.optim
+    data_cfg, optim = c.data, c.optim
     lines = ["## Training", "", f"- Method: `{c.method.name}`, {METHODS[c.method.name]}"]
     size = f" ({info.train_queries} queries, {info.train_pairs} positive pairs)" if info.train_queries else ""
     lines.append(f"- Data: {info.data}{size}")
-    negatives = info.negatives if d.group_size > 1 and info.negatives else "none (in-batch negatives only)"
+    negatives = info.negatives if data_cfg.group_size > 1 and info.negatives else "none (in-batch negatives only)"
     settings = [
-        ("steps", f"{info.step if info.step is not None else o.max_steps} of {o.max_steps}"),
-        ("queries per step", o.batch_size),
+        ("steps", f"{info.step if info.step is not None else optim.max_steps} of {optim.max_steps}"),
+        ("queries per step", optim.batch_size),
         ("hard negatives", negatives),
-        ("learning rate", f"{o.learning_rate:g}, {o.schedule} schedule, warmup {o.warmup_ratio:g}"),
-        ("weight decay", f"{o.weight_decay:g}"),
-        ("temperature", f"{o.temperature:g}"),
-        ("max lengths", f"query {d.query_max_len}, passage {d.passage_max_len} tokens"),
+        ("learning rate", f"{optim.learning_rate:g}, {optim.schedule} schedule, warmup {optim.warmup_ratio:g}"),
+        ("weight decay", f"{optim.weight_decay:g}"),
+        ("temperature", f"{optim.temperature:g}"),
+        ("max lengths", f"query {data_cfg.query_max_len}, passage {data_cfg.passage_max_len} tokens"),
         ("precision", f"compute {c.model.dtype}, parameters {c.model.param_dtype}"),
         ("seed", c.seed),
     ]
