@@ -21,7 +21,10 @@ for _env, _prefix in (("JAX_COMPILATION_CACHE_DIR", "xla-cache"), ("OPERA_KERNEL
     if _env not in os.environ:
         os.environ[_env] = tempfile.mkdtemp(prefix=f"opera-jax-tests-{_prefix}-")
         _OWN_CACHES.append(os.environ[_env])
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")  # not the many tiny programs
+# Every program, the tiny ones included: a command-line run a test starts compiles ~130 of them (the
+# model's initialisers, gathers, slices), and loading them from the cache halves a repeated run of the
+# tiny model (20 s -> 9 s on one core: the resumed half of a run, the second process of a launch).
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 from opera_jax.cpu.xla_flags import use_xla_cpu_flags  # noqa: E402
 
@@ -72,6 +75,26 @@ def minilm_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_bert_dir() -> Path:
     return GOLDEN / "tiny_bert"
+
+
+def tiny_run(model_dir, *extra: str) -> list[str]:
+    """``key=value`` overrides of a run of the tiny BERT on MED that crosses every stage of the trainer
+    in seconds (mining, the pipeline, the step, evaluation), then ``extra``: the trainer tests' base."""
+    return [
+        f"model.name={model_dir}",
+        "model.pooling=mean",
+        "model.normalize=true",
+        "data.path=med",
+        "data.query_max_len=16",
+        "data.passage_max_len=32",
+        "data.eval_batch_size=64",
+        "optim.batch_size=8",
+        "optim.learning_rate=1e-3",
+        "mining.rank_start=0",
+        "mining.rank_end=20",
+        "mining.num_negatives=8",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="session")

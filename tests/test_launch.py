@@ -1,7 +1,7 @@
 """The multi-host path on one machine: ``launch/local_multiprocess.sh`` runs a real DP training on
 2 processes x 2 CPU devices; a process killed mid-run brings the job down instead of hanging;
 resuming on 2 processes continues exactly; and the whole 2-process run (the steps before the kill
-and those after the resume) equals 1 process x 4 devices running the same 24 steps uninterrupted:
+and those after the resume) equals 1 process x 4 devices running the same 12 steps uninterrupted:
 losses, evaluations, DP's plans and the exported parameters.
 
 ``launch/slurm_multinode.sbatch`` runs for real too, under bash with the variables SLURM gives the
@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import tiny_run
 from safetensors.numpy import load_file
 
 from opera_jax.distributed import COORDINATOR_ENV, NUM_PROCESSES_ENV, PROCESS_ID_ENV
@@ -37,23 +38,14 @@ def _args(out: Path, *extra: str) -> list[str]:
         "opera_jax.cli",
         "train",
         str(ROOT / "configs" / "quickstart.yaml"),
-        f"model.name={TINY}",
-        "model.pooling=mean",
-        "model.normalize=true",
-        "data.path=med",
-        "data.query_max_len=16",
-        "data.passage_max_len=32",
-        "data.eval_batch_size=64",
-        "optim.batch_size=8",
-        "optim.learning_rate=1e-3",
-        "train.log_every=1",
-        "mining.rank_start=0",
-        "mining.rank_end=20",
-        "mining.num_negatives=8",
-        # DP, refreshed every 2 steps: the plan changes during the run, from device state
-        "method.name=dp",
-        "method.dp.refresh_every=2",
-        *extra,
+        *tiny_run(
+            TINY,
+            "train.log_every=1",
+            # DP, refreshed every 2 steps: the plan changes during the run, from device state
+            "method.name=dp",
+            "method.dp.refresh_every=2",
+            *extra,
+        ),
         "--out",
         str(out),
     ]
@@ -63,12 +55,12 @@ def _env(tmp_path: Path, devices: int | None = None) -> dict:
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "OPERA_CACHE_DIR": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
     for k in (COORDINATOR_ENV, NUM_PROCESSES_ENV, PROCESS_ID_ENV):
         env.pop(k, None)
-    if devices is not None:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    if devices is not None:  # the session's flags (conftest.py), with this device count last (the one XLA keeps)
+        env["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
     return env
 
 
-STEPS = ["optim.max_steps=24", "train.eval_every=12", "train.checkpoint_every=2"]
+STEPS = ["optim.max_steps=12", "train.eval_every=6", "train.checkpoint_every=2"]
 
 
 def _two_processes(tmp_path, out, *extra):
@@ -141,10 +133,10 @@ def test_killed_process_fails_the_job_and_two_processes_resumed_train_like_one(t
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a, b = _rows(one / "train_log.jsonl"), _rows(run / "train_log.jsonl")
     assert b[:saved] == before  # kept from the first attempt (timings included): it resumed, not restarted
-    assert [r["step"] for r in a] == list(range(1, 25)) == [r["step"] for r in b]
+    assert [r["step"] for r in a] == list(range(1, 13)) == [r["step"] for r in b]
     np.testing.assert_allclose([r["loss"] for r in b], [r["loss"] for r in a], atol=1e-5)
     ma, mb = _rows(one / "metrics.jsonl"), _rows(run / "metrics.jsonl")
-    assert [r["step"] for r in ma] == [0, 12, 24] == [r["step"] for r in mb]
+    assert [r["step"] for r in ma] == [0, 6, 12] == [r["step"] for r in mb]
     np.testing.assert_allclose([r["ndcg@10"] for r in mb], [r["ndcg@10"] for r in ma], atol=1e-4)
     pa, pb = _plans(one), _plans(run)
     assert pa.keys() == pb.keys() and len(pa) >= 2

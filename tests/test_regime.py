@@ -4,6 +4,7 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+from conftest import tiny_run
 
 from opera_jax.config import load_config, steps_for_passes, with_budget
 from opera_jax.data.beir import BeirSplit, Corpus, Queries
@@ -94,26 +95,16 @@ def test_a_run_in_passes_on_a_validation_split_with_body_only_passages(tiny_bert
 
     cfg = load_config(
         None,
-        [
-            f"model.name={tiny_bert_dir}",
-            "model.pooling=mean",
-            "model.normalize=true",
-            "data.path=med",
-            "data.query_max_len=16",
-            "data.passage_max_len=32",
+        tiny_run(
+            tiny_bert_dir,
             "data.passage_text=text",
             "data.valid_fraction=0.25",
-            "optim.batch_size=8",
             "optim.max_epochs=1.2",
-            "optim.learning_rate=1e-3",
             "train.eval_every=0",
-            "mining.rank_start=0",
-            "mining.rank_end=20",
-            "mining.num_negatives=8",
             "method.name=dp",
             "method.dp.criterion=loss",
             "method.dp.refresh_every=1",
-        ],
+        ),
     )
     last = train_and_evaluate(cfg, tmp_path, progress=False)
     assert last["step"] == 3 and 0 <= last["ndcg@10"] <= 1

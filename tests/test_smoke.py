@@ -10,6 +10,7 @@ import json
 
 import jax.numpy as jnp
 import numpy as np
+from conftest import tiny_run
 
 from opera_jax.config import load_config
 from opera_jax.data.tokens import tokenize
@@ -20,24 +21,13 @@ from opera_jax.train.trainer import train_and_evaluate
 def test_one_step_end_to_end(tiny_bert_dir, tmp_path):
     cfg = load_config(
         None,
-        [
-            f"model.name={tiny_bert_dir}",
-            "model.pooling=mean",
-            "model.normalize=true",
-            "data.path=med",
-            "data.query_max_len=16",
-            "data.passage_max_len=32",
-            "data.eval_batch_size=64",
-            "optim.batch_size=8",
+        tiny_run(
+            tiny_bert_dir,
             "optim.max_steps=1",
-            "optim.learning_rate=1e-3",
             "train.eval_every=1",
             "train.log_every=1",
             "train.checkpoint_every=1",
-            "mining.rank_start=0",
-            "mining.rank_end=20",
-            "mining.num_negatives=8",
-        ],
+        ),
     )
     last = train_and_evaluate(cfg, tmp_path, progress=False)
 

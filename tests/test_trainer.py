@@ -5,6 +5,7 @@ import json
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import tiny_run
 from safetensors.numpy import load_file
 
 from opera_jax.config import load_config
@@ -20,26 +21,15 @@ pytestmark = pytest.mark.slow  # the fast tier (-m "not slow") leaves this file 
 def _config(tiny_bert_dir, *extra):
     return load_config(
         None,
-        [
-            f"model.name={tiny_bert_dir}",
-            "model.pooling=mean",
-            "model.normalize=true",
-            "data.path=med",
-            "data.query_max_len=16",
-            "data.passage_max_len=32",
-            "data.eval_batch_size=64",
-            "optim.batch_size=8",
+        tiny_run(
+            tiny_bert_dir,
             "optim.max_steps=8",
-            "optim.learning_rate=1e-3",
             "optim.temperature=0.1",
             "train.eval_every=4",
             "train.checkpoint_every=3",
             "train.log_every=2",
-            "mining.rank_start=0",
-            "mining.rank_end=20",
-            "mining.num_negatives=8",
             *extra,
-        ],
+        ),
     )
 
 

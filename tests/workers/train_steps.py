@@ -11,7 +11,9 @@ import os
 import sys
 
 out, devices = sys.argv[1], int(sys.argv[2])
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+os.environ["XLA_FLAGS"] = (
+    f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"  # the last count wins
+)
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 from pathlib import Path  # noqa: E402
