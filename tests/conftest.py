@@ -43,6 +43,28 @@ from opera_jax.sharding import make_mesh  # noqa: E402
 GOLDEN = Path(__file__).resolve().parent / "golden"
 
 
+# The longest files first (their measured totals, longest first): pytest-xdist's --dist loadfile
+# hands whole files to the workers in collection order, so a long file collected late runs on alone
+# at the end while the other workers idle; started first, it overlaps with everything else.
+LONGEST_FILES = (
+    "test_launch.py",
+    "test_trainer.py",
+    "test_gradcache.py",
+    "test_device_suite.py",
+    "test_api.py",
+    "test_fsdp.py",
+    "test_wallclock.py",
+    "test_multiprocess.py",
+    "test_memory.py",
+    "test_qwen3.py",
+)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
 def pytest_unconfigure(config):
     """The session's caches go when the process that made them ends."""
     for path in _OWN_CACHES:

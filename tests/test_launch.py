@@ -117,6 +117,7 @@ def test_killed_process_fails_the_job_and_two_processes_resumed_train_like_one(t
     workers = []
     while len(workers) < 2:
         workers = subprocess.run(["pgrep", "-f", "--", pattern], capture_output=True, text=True).stdout.split()
+        time.sleep(0.05)  # not a busy loop: the workers it waits for need the CPU to start
     while not (run / "checkpoints" / "2").exists():  # the first checkpoint is complete (Orbax renames on commit)
         assert job.poll() is None and time.time() < deadline
         time.sleep(0.05)
