@@ -171,7 +171,7 @@ def plan_memory(config: Config, devices: int, fsdp: int = 1) -> MemoryPlan:
     from opera_jax.models.encoder import ARCHITECTURES, Retriever
     from opera_jax.models.remat import policy_name
     from opera_jax.sharding import FSDP_RULES, REPLICATED_RULES, batch_sharding, make_mesh, tree_shardings
-    from opera_jax.train.optim import make_optimizer
+    from opera_jax.train.optim import optimizer_for
     from opera_jax.train.step import init_state, make_train_step
 
     if devices < 1 or fsdp < 1 or devices % fsdp:
@@ -210,14 +210,7 @@ def plan_memory(config: Config, devices: int, fsdp: int = 1) -> MemoryPlan:
     model = nnx.eval_shape(build)  # shapes only: nothing allocated
     model.train()
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    optimizer = make_optimizer(
-        o.learning_rate,
-        o.max_steps,
-        warmup_ratio=o.warmup_ratio,
-        weight_decay=o.weight_decay,
-        max_grad_norm=o.max_grad_norm,
-        schedule=o.schedule,
-    )
+    optimizer = optimizer_for(config.optim)
     state = jax.eval_shape(lambda p: init_state(p, optimizer, config.seed), params)
 
     mesh = make_mesh(fsdp=fsdp, devices=jax.devices()[:devices])

@@ -54,6 +54,18 @@ def make_optimizer(
     )
 
 
+def optimizer_for(optim) -> optax.GradientTransformation:
+    """``make_optimizer`` with the settings of an ``OptimConfig`` (what a run and the planner use)."""
+    return make_optimizer(
+        optim.learning_rate,
+        optim.max_steps,
+        warmup_ratio=optim.warmup_ratio,
+        weight_decay=optim.weight_decay,
+        max_grad_norm=optim.max_grad_norm,
+        schedule=optim.schedule,
+    )
+
+
 def _f32(tree):
     return jax.tree.map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 

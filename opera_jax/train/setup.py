@@ -71,17 +71,18 @@ def prepare(config: Config, *, training: bool = False, data: TrainData | None = 
         pairs = load_pairs_jsonl(data_cfg.path)
         data = TrainData(*hold_out(pairs.train, 0.1, config.seed), negatives=pairs.negatives)
     data_dir = None if data is not None else resolve_data_dir(data_cfg.path)
+    valid_split = None  # data.valid_fraction's held-out queries: carved once, the eval split of a run
     if data is not None:
         train_split = data.train
     else:
         train_split = load_split(data_dir, data_cfg.train_split, empty=data_cfg.empty)
         if data_cfg.valid_fraction:
-            train_split = carve(train_split, data_cfg.valid_fraction)[0]
+            train_split, valid_split = carve(train_split, data_cfg.valid_fraction)
     ts = build_training_set(train_split, data_cfg.pos_threshold)
     eval_split = None
     if training:
         if data is None:
-            eval_split = evaluation_split(config, data_dir)
+            eval_split = valid_split if valid_split is not None else evaluation_split(config, data_dir)
         check_batch_fits(config, ts.num_queries, ts.num_pairs, data_cfg.train_split)
     query_tokens = tokenize(encoder.tokenizer, ts.query_texts, data_cfg.query_max_len, spec.query_prefix)
     doc_tokens = tokenize(

@@ -49,7 +49,7 @@ from opera_jax.preflight import check_batch_within
 from opera_jax.sharding import FSDP_RULES, REPLICATED_RULES, batch_sharding, make_mesh, put_global, tree_shardings
 from opera_jax.train import run_dir
 from opera_jax.train.checkpoint import Checkpointer
-from opera_jax.train.optim import learning_rate_schedule, make_optimizer
+from opera_jax.train.optim import learning_rate_schedule, optimizer_for
 from opera_jax.train.run_logs import EVAL_SCALARS, MetricsLog, eval_tag, tensorboard
 from opera_jax.train.setup import base_scores, mine, prepare
 from opera_jax.train.step import init_state, make_train_step
@@ -150,14 +150,7 @@ def train_and_evaluate(
     model.train()
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     learning_rate = learning_rate_schedule(optim.learning_rate, optim.max_steps, optim.warmup_ratio, optim.schedule)
-    optimizer = make_optimizer(
-        optim.learning_rate,
-        optim.max_steps,
-        warmup_ratio=optim.warmup_ratio,
-        weight_decay=optim.weight_decay,
-        max_grad_norm=optim.max_grad_norm,
-        schedule=optim.schedule,
-    )
+    optimizer = optimizer_for(optim)
     state = init_state(params, optimizer, config.seed, method.init_state())
     rules = FSDP_RULES if config.mesh.fsdp > 1 else REPLICATED_RULES
     state = put_global(state, tree_shardings(state, mesh, rules))
