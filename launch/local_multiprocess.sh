@@ -22,6 +22,10 @@ Environment each process gets (what opera_jax.distributed.initialize reads):
   JAX_PLATFORMS=cpu  XLA_FLAGS=--xla_force_host_platform_device_count=DEVICES
   OPERA_HEARTBEAT_S (passed through if set): seconds before the others give up on a dead process
 
+OPERA_STOP_GRACE_S (default 5): when one process fails, the others get SIGTERM and, this many
+seconds later, SIGKILL (jax.distributed's preemption service catches SIGTERM, so without it a
+survivor would wait out the heartbeat timeout).
+
 If any process exits with an error, the others are stopped and this script exits with
 that process's status: a failure on one process never leaves the rest hanging.
 EOF
@@ -52,7 +56,21 @@ if [[ -z "$port" ]]; then
 fi
 
 pids=()
-stop_all() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; }
+grace=${OPERA_STOP_GRACE_S:-5}
+if [[ ! "$grace" =~ ^[0-9]+$ ]]; then fail "OPERA_STOP_GRACE_S wants a whole number of seconds, got '$grace'"; fi
+# SIGTERM, then SIGKILL for whoever is still there after $grace seconds: jax.distributed's
+# preemption service takes SIGTERM as a notice and keeps going.
+stop_all() {
+  local pid alive t
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for ((t = 0; t < grace * 10; t++)); do
+    alive=0
+    for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+    ((alive)) || return 0
+    sleep 0.1
+  done
+  for pid in "${pids[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
+}
 trap 'stop_all; exit 130' INT TERM
 
 for ((i = 0; i < procs; i++)); do
