@@ -11,7 +11,7 @@ from safetensors.numpy import load_file, save_file
 
 from opera_jax.data.tokens import tokenize
 from opera_jax.errors import InputError
-from opera_jax.models import bert_params
+from opera_jax.models import bert, bert_params
 from opera_jax.models.encoder import load_encoder, pool, read_spec
 from opera_jax.models.hub import resolve_model_dir
 from opera_jax.models.weights import hf_state_dict
@@ -177,3 +177,34 @@ def test_unknown_sentence_transformers_module_is_refused(tiny_bert_dir, tmp_path
     ):
         load_encoder(str(model_dir))
     assert read_spec(tiny_bert_dir, 64).pooling  # the golden's own modules are all supported
+
+
+def test_loading_leaves_nothing_abstract_and_seeds_dropout(tiny_bert_dir, monkeypatch):
+    """The model is built from shapes alone (no initialiser runs): every parameter comes from the
+    checkpoint, every dropout stream from the seed; state of another kind is refused, not left abstract."""
+    import dataclasses
+
+    import jax
+    from flax import nnx
+
+    from opera_jax.models import encoder as enc_mod
+
+    enc = load_encoder(str(tiny_bert_dir), seed=3)
+    leaves = [v.get_value() for _, v in nnx.to_flat_state(nnx.state(enc.model))]
+    assert leaves and not any(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
+
+    def keys(seed):
+        state = nnx.state(load_encoder(str(tiny_bert_dir), seed=seed).model, nnx.RngKey)
+        return np.stack([np.asarray(jax.random.key_data(v.get_value())) for _, v in nnx.to_flat_state(state)])
+
+    assert (keys(3) == keys(3)).all() and not (keys(3) == keys(4)).any()
+
+    class WithACounter(bert.BertModel):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.calls = nnx.Variable(jnp.zeros((), jnp.int32))
+
+    arch = enc_mod.ARCHITECTURES["bert"]
+    monkeypatch.setitem(enc_mod.ARCHITECTURES, "bert", dataclasses.replace(arch, model_cls=WithACounter))
+    with pytest.raises(TypeError, match="calls"):
+        load_encoder(str(tiny_bert_dir))

@@ -207,10 +207,17 @@ def load_encoder(
         spec = dataclasses.replace(spec, **overrides)
     if attention_lib.pads_right(attention_lib.resolve(attention, precision.dtype)):
         spec = dataclasses.replace(spec, padding_side="right")
-    backbone = arch.model_cls(
+    # Built abstractly (shapes only), then every parameter is set from the checkpoint: no random
+    # initialisers run (on a large model, as long as the load), and the dropout streams get seed.
+    build = lambda: arch.model_cls(
         config, precision=precision, remat=remat, attention=attention, rngs=nnx.Rngs(params=0, dropout=seed)
     )
+    backbone = nnx.eval_shape(build)
+    nnx.reseed(backbone, dropout=seed)
     load_into(backbone, model_dir, arch.name_map)
+    abstract = [p for p, v in nnx.to_flat_state(nnx.state(backbone)) if isinstance(v.get_value(), jax.ShapeDtypeStruct)]
+    if abstract:  # state that is neither a checkpoint parameter nor a dropout stream: a model bug
+        raise TypeError(f"{type(backbone).__name__}: {abstract[:3]} not set by the checkpoint or the dropout seed")
     model = Retriever(backbone, spec.pooling, spec.normalize)
     model.eval()
     return Encoder(model, load_tokenizer(model_dir), spec, config, arch_name, model_dir)
