@@ -442,6 +442,7 @@ def suite(args) -> dict:
             "1" if args.tiny else "3",
             "--out",
             str(pruning),
+            *(["--tiny"] if args.tiny else []),
         ],
         capture_output=True,
         text=True,

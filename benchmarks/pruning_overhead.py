@@ -78,8 +78,9 @@ def timed(fn, repeats):
     return statistics.median(times)
 
 
-def train_step_seconds() -> float:
-    """A real MiniLM train step at shape 16 x 64 + 32 x 128 (random weights and tokens)."""
+def train_step_seconds(tiny: bool = False) -> float:
+    """A real MiniLM train step at shape 16 x 64 + 32 x 128 (random weights and tokens); ``tiny``: a
+    2-layer, 32-wide BERT instead, for the device suite's CPU dry run (the same code, compiled in seconds)."""
     from flax import nnx
 
     from opera_jax.models.bert import BertConfig, BertModel, Precision
@@ -87,9 +88,14 @@ def train_step_seconds() -> float:
     from opera_jax.train.optim import make_optimizer
     from opera_jax.train.step import init_state, make_train_step
 
-    config = BertConfig(
-        vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536
-    )
+    if tiny:
+        config = BertConfig(
+            vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+        )
+    else:
+        config = BertConfig(
+            vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536
+        )
     model = Retriever(BertModel(config, precision=Precision.named("auto"), rngs=nnx.Rngs(0)), "mean", True)
     model.train()
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -125,9 +131,10 @@ def main(argv=None) -> dict:
     p.add_argument("--batch", type=int, default=128, help="queries per step (the release's global batch)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default=None)
+    p.add_argument("--tiny", action="store_true", help="time a tiny BERT's step, not MiniLM's (a dry run)")
     args = p.parse_args(argv)
 
-    step_s = train_step_seconds()
+    step_s = train_step_seconds(args.tiny)
     scatter = jax.jit(lambda s, i, v: s.at[i].set(v), donate_argnums=0)
     rows = []
     for n_pairs in (int(float(x)) for x in args.pairs.split(",")):
