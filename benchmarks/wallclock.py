@@ -6,6 +6,7 @@
     python benchmarks/wallclock.py ... --passes 40 ...        # a budget in passes (optim.max_epochs)
     python benchmarks/wallclock.py --add-seeds 3,4 --out runs/wallclock-scifact   # more seeds, same setup
     python benchmarks/wallclock.py report OUT1 OUT2 ...     # across collections
+    python benchmarks/wallclock.py pair RUN_A RUN_B        # two finished runs, paired per query (A - B)
 
 Each (method, seed) is one ``train_and_evaluate`` run under ``OUT/runs/``; a run whose final
 evaluation is written (``run.trec``) is reused, never rerun. ``OUT/setup.json`` records the
@@ -381,10 +382,38 @@ def report(outs: list[str]) -> int:
     return 0
 
 
+def pair(runs: list[str]) -> dict:
+    """``pair RUN_A RUN_B``: A - B per test query of two finished runs on the same evaluation split
+    (e.g. ``OUT/runs/dp-seed0`` of two OUTs), as the paired columns against basic are computed."""
+    if len(runs) != 2:
+        raise SystemExit("usage: wallclock.py pair RUN_A RUN_B")
+    from opera_jax.config import load_config
+    from opera_jax.eval.metrics import per_query, read_trec_run
+    from opera_jax.train.setup import evaluation_split
+
+    dirs = [Path(r) for r in runs]
+    for d in dirs:
+        if not (d / "run.trec").exists():
+            raise SystemExit(f"{d / 'run.trec'}: not found (not a finished harness run)")
+    split = evaluation_split(load_config(dirs[0] / "config.yaml"))
+    a, b = (per_query(split.qrels, read_trec_run(d / "run.trec")) for d in dirs)
+    out = {}
+    for k in HEADLINE:
+        qids = sorted(split.qrels)
+        out[k] = _paired(np.asarray([a[k].get(q, 0.0) for q in qids]), np.asarray([b[k].get(q, 0.0) for q in qids]))
+        print(
+            f"{k}: {out[k]['mean_diff']:+.4f} ({out[k]['wins']}/{out[k]['ties']}/{out[k]['losses']}, p = {out[k]['p_value']:.3f})"
+        )
+    return out
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["report"]:
         return report(argv[1:])
+    if argv[:1] == ["pair"]:
+        pair(argv[1:])
+        return 0
     args = parse_args(argv)
     from opera_jax.io_utils import write_json, write_text
 

@@ -132,6 +132,9 @@ def test_harness_writes_results_curves_and_summary(tiny_bert_dir, tmp_path):
     assert results["methods"]["pretrain"]["curve"][0]["step"] == 0
     assert "paired_vs_basic" in dp and dp["paired_vs_basic"]["ndcg@10"]["wins"] >= 0
     assert 0 <= dp["paired_vs_basic"]["recall@20"]["p_value"] <= 1
+    # `pair RUN_A RUN_B` compares two runs as the harness compares a method with basic
+    runs = out / "runs"
+    assert wallclock.pair([str(runs / "dp-seed0"), str(runs / "basic-seed0")]) == dp["paired_vs_basic"]
     assert (out / "curves.png").stat().st_size > 10_000
     assert "| dp |" in (out / "summary.md").read_text()
     # Re-running reuses the finished runs.
