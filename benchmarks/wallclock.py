@@ -235,13 +235,18 @@ def _evaluation_split(args, rows):
 
 def _per_query_runs(args, method, split, per_query, read_trec_run) -> dict[str, np.ndarray]:
     """Per-query final metrics, concatenated over seeds in the same query order."""
-    vals = {k: [] for k in HEADLINE}
-    for seed in _seed_list(args.seeds):
-        pq = per_query(split.qrels, read_trec_run(args.out / "runs" / f"{method}-seed{seed}" / "run.trec"))
-        qids = sorted(pq["ndcg@10"])
-        for k in HEADLINE:
-            vals[k].extend(pq[k][q] for q in qids)
-    return {k: np.asarray(v) for k, v in vals.items()}
+    runs = [
+        _per_query_run(args.out / "runs" / f"{method}-seed{seed}", split, per_query, read_trec_run)
+        for seed in _seed_list(args.seeds)
+    ]
+    return {k: np.concatenate([r[k] for r in runs]) for k in HEADLINE}
+
+
+def _per_query_run(run: Path, split, per_query, read_trec_run) -> dict[str, np.ndarray]:
+    """One finished run's per-query final metrics, in query-id order."""
+    pq = per_query(split.qrels, read_trec_run(run / "run.trec"))
+    qids = sorted(pq["ndcg@10"])
+    return {k: np.asarray([pq[k][q] for q in qids]) for k in HEADLINE}
 
 
 def _paired(a: np.ndarray, b: np.ndarray, rounds: int = 10000) -> dict:
@@ -396,14 +401,10 @@ def pair(runs: list[str]) -> dict:
         if not (d / "run.trec").exists():
             raise SystemExit(f"{d / 'run.trec'}: not found (not a finished harness run)")
     split = evaluation_split(load_config(dirs[0] / "config.yaml"))
-    a, b = (per_query(split.qrels, read_trec_run(d / "run.trec")) for d in dirs)
-    out = {}
-    for k in HEADLINE:
-        qids = sorted(split.qrels)
-        out[k] = _paired(np.asarray([a[k].get(q, 0.0) for q in qids]), np.asarray([b[k].get(q, 0.0) for q in qids]))
-        print(
-            f"{k}: {out[k]['mean_diff']:+.4f} ({out[k]['wins']}/{out[k]['ties']}/{out[k]['losses']}, p = {out[k]['p_value']:.3f})"
-        )
+    a, b = (_per_query_run(d, split, per_query, read_trec_run) for d in dirs)
+    out = {k: _paired(a[k], b[k]) for k in HEADLINE}
+    for k, r in out.items():
+        print(f"{k}: {r['mean_diff']:+.4f} ({r['wins']}/{r['ties']}/{r['losses']}, p = {r['p_value']:.3f})")
     return out
 
 
