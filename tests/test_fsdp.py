@@ -62,9 +62,11 @@ def test_layouts_of_parameters_and_adam_moments(name, data, fsdp):
     _, _, _, state = _setup(name)
     shardings = tree_shardings(state, mesh, FSDP_RULES)
     params = _leaves(state.params)
-    adam = state.opt_state[1][0]  # chain(clip, adamw) -> adamw = chain(scale_by_adam, ...) -> ScaleByAdamState
+    adam = state.opt_state.inner_state[1][
+        0
+    ]  # inject(chain(clip, adamw)) -> adamw = chain(scale_by_adam, ...) -> ScaleByAdamState
     moments = {"mu": _leaves(adam.mu), "nu": _leaves(adam.nu)}
-    adam_sh = shardings.opt_state[1][0]
+    adam_sh = shardings.opt_state.inner_state[1][0]
     moment_sh = {"mu": _leaves(adam_sh.mu), "nu": _leaves(adam_sh.nu)}
     sharded = 0
     for path, x in _leaves(shardings.params).items():

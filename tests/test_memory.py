@@ -77,7 +77,7 @@ def test_bf16_parameters_get_f32_adam_moments():
     grads = {"w": {"kernel": jnp.full((3, 4), 1e-3, jnp.bfloat16)}}
     opt = make_optimizer(1e-2, 10, warmup_ratio=0.0)
     state = opt.init(params)
-    adam = state[1][0]
+    adam = state.inner_state[1][0]
     assert adam.mu["w"]["kernel"].dtype == jnp.float32 and adam.nu["w"]["kernel"].dtype == jnp.float32
     updates, state = opt.update(grads, state, params)
     assert updates["w"]["kernel"].dtype == jnp.float32
@@ -118,4 +118,4 @@ def test_bf16_parameters_train(name, mesh8):
         losses.append(float(out["loss"]))
     assert np.isfinite(losses).all() and losses[0] != losses[-1]
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(state.params))
-    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.opt_state[1][0].mu))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.opt_state.inner_state[1][0].mu))

@@ -10,7 +10,7 @@ from flax import nnx
 from opera_jax.models.encoder import load_encoder
 from opera_jax.sharding import batch_sharding, replicated
 from opera_jax.train.loss import contrastive_loss
-from opera_jax.train.optim import decay_mask, learning_rate_schedule, make_optimizer
+from opera_jax.train.optim import decay_mask, learning_rate_at, learning_rate_schedule, make_optimizer, warmup_steps
 from opera_jax.train.step import init_state, make_train_step
 
 pytestmark = pytest.mark.slow  # the fast tier (-m "not slow") leaves this file out: README "Tests"
@@ -44,6 +44,34 @@ def test_schedule_warms_up_then_decays_to_zero():
     lr = learning_rate_schedule(1.0, 100, 0.05)
     assert float(lr(0)) == 0.0 and float(lr(5)) == pytest.approx(1.0)
     assert float(lr(50)) == pytest.approx(50 / 95) and float(lr(100)) == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize(
+    "peak,max_steps,ratio", [(1e-3, 10, 0.3), (2e-5, 375, 0.05), (1e-4, 100, 0.01), (3e-4, 13, 0.0)]
+)
+def test_schedule_from_the_optimizer_state_equals_optax_with_constants(peak, max_steps, ratio):
+    """The schedule's numbers are arrays in the state, and the learning rate is, to the bit, what the
+    compiled ``optax.join_schedules`` of two linear schedules gives with them as constants."""
+    warm = warmup_steps(max_steps, ratio)
+    decay = optax.linear_schedule(peak, 0.0, max(max_steps - warm, 1))
+    ref = jax.jit(decay if warm == 0 else optax.join_schedules([optax.linear_schedule(0.0, peak, warm), decay], [warm]))
+    hyper = make_optimizer(peak, max_steps, warmup_ratio=ratio).init({"w": jnp.zeros(2)}).hyperparams
+    assert {k: v.dtype for k, v in hyper.items()} == {"peak": jnp.float32, "warmup": jnp.int32, "decay": jnp.int32}
+    ours = jax.jit(lambda count, h: learning_rate_at(count, **h, kind="linear"))
+    for count in range(max_steps + 2):
+        assert float(ours(jnp.int32(count), hyper)) == float(ref(jnp.int32(count))), count
+
+
+def test_learning_rate_and_budget_do_not_change_the_compiled_step(tiny_bert_dir, mesh1):
+    """A learning-rate sweep or another budget reuses one compiled step (the persistent cache's key)."""
+    graphdef, params, rest = nnx.split(load_encoder(str(tiny_bert_dir)).model, nnx.Param, ...)
+    batch = jax.device_put(_batch(), batch_sharding(mesh1))
+    texts = []
+    for lr, steps, ratio in [(1e-3, 10, 0.0), (2e-5, 375, 0.05)]:
+        opt = make_optimizer(lr, steps, warmup_ratio=ratio)
+        state = jax.device_put(init_state(params, opt, seed=0), replicated(mesh1))
+        texts.append(make_train_step(graphdef, rest, opt, temperature=0.05).lower(state, batch).as_text())
+    assert texts[0] == texts[1]
 
 
 def test_no_weight_decay_on_layernorm_and_biases(tiny_bert_dir):
